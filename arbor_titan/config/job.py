@@ -1,0 +1,83 @@
+"""The root config: one dataclass per TOML section, each defined beside the code it configures."""
+
+from dataclasses import dataclass, field
+
+from arbor_titan.config.fields import option
+from arbor_titan.data.config import DataConfig, TokenizerConfig
+from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointConfig
+from arbor_titan.distributed.compile import CompileConfig
+from arbor_titan.distributed.parallel_dims import ParallelismConfig
+from arbor_titan.metrics.config import MetricsConfig
+from arbor_titan.models.arbor.args import ModelConfig
+from arbor_titan.optim.config import LRSchedulerConfig, OptimizerConfig
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclass
+class JobSection:
+    """The `[job]` section: where a run writes its outputs."""
+
+    name: str = option("debug", "Run name; outputs go to <dump_folder>/<name>/.")
+    dump_folder: str = option("./outputs", "Root folder for run outputs.")
+    description: str = option("", "Free text recorded with the run.")
+
+
+@dataclass
+class TrainingConfig:
+    """The `[training]` section: the optimization loop's sizes and numerics."""
+
+    steps: int = option(200, "Optimizer steps to train.")
+    local_batch_size: int = option(8, "Sequences per micro-batch on each data-parallel rank.")
+    seq_len: int = option(256, "Tokens per training sequence.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches summed per optimizer step.")
+    max_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).")
+    seed: int = option(0, "Seed for model init, data order and sampling.")
+    mixed_precision_param: str = option(
+        "float32", "Compute dtype: float32 or bfloat16 (FSDP2 casts parameters, else autocast)."
+    )
+    mixed_precision_reduce: str = option("float32", "Gradient reduce-scatter dtype under FSDP2.")
+    cpu_offload: bool = option(False, "FSDP2: keep sharded parameters and optimizer state on CPU.")
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "local_batch_size", "seq_len", "gradient_accumulation_steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
+        if self.max_norm < 0:
+            raise ValueError(f"training.max_norm must be >= 0, got {self.max_norm}")
+        for key in ("mixed_precision_param", "mixed_precision_reduce"):
+            if getattr(self, key) not in PRECISIONS:
+                raise ValueError(
+                    f"training.{key} must be one of {PRECISIONS}, got {getattr(self, key)!r}"
+                )
+
+
+@dataclass
+class ValidationConfig:
+    """The `[validation]` section: held-out loss during training."""
+
+    enable: bool = option(True, "Compute validation loss on the held-out split.")
+    freq: int = option(100, "Validate every this many steps (and at the last step).")
+    steps: int = option(10, "Validation batches per evaluation.")
+
+    def __post_init__(self) -> None:
+        if self.freq <= 0 or self.steps <= 0:
+            raise ValueError("validation.freq and validation.steps must be positive")
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig
+    )
+    compile: CompileConfig = field(default_factory=CompileConfig)

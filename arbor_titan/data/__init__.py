@@ -1,0 +1,25 @@
+"""Data: corpus sources, a lossless sentencepiece tokenizer, a token cache, packing and loading.
+
+The trainer needs two calls: `prepare_data` (tokenizer + token files, built once and cached)
+and `build_dataloader` (one rank's batches of one split).
+"""
+
+from arbor_titan.data.config import DataConfig, TokenizerConfig
+from arbor_titan.data.corpus import Corpus
+from arbor_titan.data.dataset import PackedSequences
+from arbor_titan.data.loader import TokenLoader, build_dataloader
+from arbor_titan.data.prepare import PreparedData, prepare_data
+from arbor_titan.data.tokenizer import Tokenizer, build_tokenizer
+
+__all__ = [
+    "Corpus",
+    "DataConfig",
+    "PackedSequences",
+    "PreparedData",
+    "TokenLoader",
+    "Tokenizer",
+    "TokenizerConfig",
+    "build_dataloader",
+    "build_tokenizer",
+    "prepare_data",
+]

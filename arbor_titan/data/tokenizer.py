@@ -1,0 +1,152 @@
+"""A lossless sentencepiece BPE tokenizer: loaded from `tokenizer.path`, or trained and cached.
+
+Training settings keep every byte of source code: no normalization, whitespace kept as is, and
+byte fallback for anything outside the vocabulary, so `decode(encode(x)) == x` exactly.
+"""
+
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from arbor_titan.data.cache import atomic_path, cache_key
+from arbor_titan.data.config import DataConfig, TokenizerConfig, check_tokenizer_config
+from arbor_titan.data.corpus import Corpus
+
+# Training "sentences" are runs of whole lines up to this many characters. Multi-line chunks
+# let BPE learn newline + indentation pieces: 4.1 bytes/token on the stdlib at vocab 8000,
+# against 3.8 when trained line by line (measured).
+_SENTENCE_CHARS = 2048
+
+_TRAINER_SETTINGS = {
+    "model_type": "bpe",
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "add_dummy_prefix": False,
+    "byte_fallback": True,
+    # Pieces may span words ("▁is▁a", "():\n"): 4.1 against 3.4 bytes/token when split (measured).
+    "split_by_whitespace": False,
+    "unk_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "pad_id": -1,
+    "shuffle_input_sentence": True,
+    # A chunk of _SENTENCE_CHARS characters is at most 4 bytes each; longer lines are left out.
+    "max_sentence_length": 4 * _SENTENCE_CHARS,
+}
+
+
+class Tokenizer:
+    """Text ↔ token ids, without BOS/EOS unless the caller adds them."""
+
+    def __init__(self, path: Path):
+        self._path = Path(path)
+        self._sp = spm.SentencePieceProcessor(model_file=str(self._path))
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once on all cores (sentencepiece's own thread pool)."""
+        return self._sp.encode(texts, num_threads=os.cpu_count())
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+
+def build_tokenizer(
+    tok_cfg: TokenizerConfig,
+    data_cfg: DataConfig,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+) -> Tokenizer:
+    """Load `tokenizer.path`, or train a BPE tokenizer on the corpus' train split (cached)."""
+    return load_or_train_tokenizer(tok_cfg, Corpus(data_cfg), cache_dir, log)
+
+
+def load_or_train_tokenizer(
+    tok_cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path, log: Callable[[str], None]
+) -> Tokenizer:
+    """`build_tokenizer` for an already opened corpus, so it is listed and split only once."""
+    check_tokenizer_config(tok_cfg)
+    if tok_cfg.path:
+        return _load_given(Path(tok_cfg.path))
+    settings = {
+        **_TRAINER_SETTINGS,
+        "vocab_size": tok_cfg.vocab_size,
+        "input_sentence_size": tok_cfg.max_sentences,
+    }
+    path = Path(cache_dir) / f"tokenizer-{cache_key(corpus.fingerprint, settings)}.model"
+    if path.exists():
+        log(f"reusing tokenizer {path}")
+        return Tokenizer(path)
+    log(f"training a BPE tokenizer (vocab {tok_cfg.vocab_size}) on the train split ...")
+    start = time.perf_counter()
+    _train(corpus, settings, path)
+    tokenizer = Tokenizer(path)
+    log(f"trained tokenizer {path} in {time.perf_counter() - start:.1f}s")
+    return tokenizer
+
+
+def _load_given(path: Path) -> Tokenizer:
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.path: no such sentencepiece model {str(path)!r}")
+    tokenizer = Tokenizer(path)
+    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
+        raise ValueError(f"tokenizer.path: {str(path)!r} defines no BOS/EOS ids, needed to pack")
+    return tokenizer
+
+
+def _train(corpus: Corpus, settings: dict, path: Path) -> None:
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # the sentence sample is then the same on every run
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(corpus),
+            model_writer=model,
+            num_threads=os.cpu_count(),
+            minloglevel=2,
+            **settings,
+        )
+    except RuntimeError as err:
+        raise ValueError(
+            f"training the tokenizer failed ({err}); "
+            "with a small corpus, lower tokenizer.vocab_size"
+        ) from err
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(model.getvalue())
+
+
+def _sentences(corpus: Corpus) -> Iterator[str]:
+    """The train split as chunks of whole lines, each at most _SENTENCE_CHARS unless one line is."""
+    for _, text in corpus.documents("train"):
+        chunk: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if chunk and size + len(line) > _SENTENCE_CHARS:
+                yield "".join(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            yield "".join(chunk)

@@ -1,0 +1,171 @@
+"""Parallelism degrees → one named DeviceMesh, validated against the world and the model."""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from arbor_titan.config.fields import option
+
+SCHEDULES = (
+    "GPipe",
+    "1F1B",
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+# Schedules that run several stages on each rank; the others run exactly one.
+MULTI_STAGE_SCHEDULES = (
+    "Interleaved1F1B",
+    "LoopedBFS",
+    "InterleavedZeroBubble",
+    "ZBVZeroBubble",
+    "DualPipeV",
+)
+# Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelismConfig:
+    """The `[parallelism]` section."""
+
+    data_parallel_replicate_degree: int = option(
+        1, "Replicas of the model (HSDP when > 1 with sharding)."
+    )
+    data_parallel_shard_degree: int = option(
+        -1, "FSDP2 shards per replica; -1 takes the rest of the world."
+    )
+    tensor_parallel_degree: int = option(1, "Tensor + sequence parallel ranks per layer.")
+    pipeline_parallel_degree: int = option(1, "Pipeline ranks.")
+    pipeline_parallel_schedule: str = option("1F1B", f"One of {', '.join(SCHEDULES)}.")
+    pipeline_parallel_microbatches: int = option(0, "Micro-batches per step; 0 = one per stage.")
+    pipeline_parallel_stages_per_rank: int = option(
+        0, "Stages on each pipeline rank; 0 = 2 for looped/V schedules, else 1."
+    )
+    pipeline_parallel_split_points: list[int] = option(
+        [], "First layer index of every stage after the first; empty = even split."
+    )
+    enable_loss_parallel: bool = option(True, "With TP: cross-entropy on vocab-sharded logits.")
+    fsdp_reshard_after_forward: str = option(
+        "default", "default (no under PP, else yes), always, or never."
+    )
+
+    def __post_init__(self) -> None:
+        if self.pipeline_parallel_schedule not in SCHEDULES:
+            raise ValueError(
+                f"parallelism.pipeline_parallel_schedule must be one of {', '.join(SCHEDULES)}, "
+                f"got {self.pipeline_parallel_schedule!r}"
+            )
+        if self.fsdp_reshard_after_forward not in ("default", "always", "never"):
+            raise ValueError(
+                "parallelism.fsdp_reshard_after_forward must be 'default', 'always' or 'never', "
+                f"got {self.fsdp_reshard_after_forward!r}"
+            )
+
+
+@dataclass
+class ParallelDims:
+    """Resolved degrees whose product is the world size."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelismConfig, world_size: int) -> "ParallelDims":
+        fixed = {
+            "data_parallel_replicate_degree": cfg.data_parallel_replicate_degree,
+            "tensor_parallel_degree": cfg.tensor_parallel_degree,
+            "pipeline_parallel_degree": cfg.pipeline_parallel_degree,
+        }
+        for key, degree in fixed.items():
+            if degree < 1:
+                raise ValueError(f"parallelism.{key} must be >= 1, got {degree}")
+        others = (
+            cfg.data_parallel_replicate_degree
+            * cfg.tensor_parallel_degree
+            * cfg.pipeline_parallel_degree
+        )
+        dp_shard = cfg.data_parallel_shard_degree
+        layout = (
+            f"replicate {cfg.data_parallel_replicate_degree} × shard {dp_shard} × "
+            f"tp {cfg.tensor_parallel_degree} × pp {cfg.pipeline_parallel_degree}"
+        )
+        if dp_shard == -1:
+            if world_size % others:
+                raise ValueError(
+                    f"world size {world_size} is not divisible by replicate × tp × pp = {others} "
+                    f"({layout}); launch a multiple of {others} processes (NGPU × NNODES)"
+                )
+            dp_shard = world_size // others
+        elif dp_shard < 1:
+            raise ValueError(
+                f"parallelism.data_parallel_shard_degree must be >= 1 or -1, got {dp_shard}"
+            )
+        if others * dp_shard != world_size:
+            raise ValueError(
+                f"parallel degrees multiply to {others * dp_shard} ({layout}) but the world size "
+                f"is {world_size}; launch {others * dp_shard} processes or set "
+                "parallelism.data_parallel_shard_degree = -1"
+            )
+        return cls(
+            cfg.data_parallel_replicate_degree,
+            dp_shard,
+            cfg.tensor_parallel_degree,
+            cfg.pipeline_parallel_degree,
+            world_size,
+        )
+
+    def validate_model(
+        self, n_layers: int, n_heads: int, n_kv_heads: int, num_stages: int, tie_embeddings: bool
+    ) -> None:
+        """Errors for layouts the model can't be cut into, each naming the fix."""
+        if n_heads % self.tp or n_kv_heads % self.tp:
+            raise ValueError(
+                f"parallelism.tensor_parallel_degree={self.tp} must divide the model's "
+                f"n_heads={n_heads} and n_kv_heads={n_kv_heads}; choose a tp degree dividing "
+                f"{n_kv_heads}"
+            )
+        if num_stages > n_layers:
+            raise ValueError(
+                f"{num_stages} pipeline stages (pipeline_parallel_degree={self.pp} × stages per "
+                f"rank) exceed the model's {n_layers} layers; use fewer stages"
+            )
+        if tie_embeddings and (self.pp > 1 or self.tp > 1):
+            raise ValueError(
+                "model.tie_embeddings cannot be combined with pipeline or tensor parallelism "
+                "(the embedding and the output would live on different ranks or shardings)"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard > 1 or self.dp_replicate > 1
+
+    @cached_property
+    def mesh(self) -> DeviceMesh:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        return init_device_mesh(
+            device_type,
+            (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+            mesh_dim_names=MESH_DIMS,
+        )
+
+    def dp_rank(self) -> int:
+        """This rank's data shard: ranks that differ only in tp or pp read the same data."""
+        if self.world_size == 1:
+            return 0
+        mesh = self.mesh
+        return (
+            mesh["dp_replicate"].get_local_rank() * self.dp_shard
+            + mesh["dp_shard"].get_local_rank()
+        )

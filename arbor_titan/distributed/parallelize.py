@@ -1,0 +1,86 @@
+"""Apply every parallelism to a model part, in one fixed order (TorchTitan's):
+
+    tensor + sequence parallel → activation checkpointing → torch.compile → FSDP2
+
+TP first so AC, compile and FSDP see the final (DTensor) weights; compile before FSDP so each
+compiled block is one FSDP unit; FSDP last so it shards what the others produced.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import parallelize_module
+
+from arbor_titan.distributed.activation_checkpoint import (
+    ActivationCheckpointConfig,
+    apply_activation_checkpointing,
+)
+from arbor_titan.distributed.compile import CompileConfig, compile_blocks
+from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
+from arbor_titan.models.arbor.parallelize import block_plan, root_plan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Precision and placement choices that parallelize needs from `[training]`."""
+
+    param_dtype: str = "float32"
+    reduce_dtype: str = "float32"
+    cpu_offload: bool = False
+
+
+def parallelize(
+    part: nn.Module,
+    dims: ParallelDims,
+    parallelism: ParallelismConfig,
+    ac: ActivationCheckpointConfig,
+    compile_cfg: CompileConfig,
+    numerics: Numerics,
+) -> None:
+    """Parallelize one model part (the whole model, or one pipeline stage) in place."""
+    if dims.tp > 1:
+        tp_mesh = dims.mesh["tp"]
+        present = {
+            k: v
+            for k, v in root_plan(parallelism.enable_loss_parallel).items()
+            if getattr(part, k, None) is not None
+        }
+        parallelize_module(part, tp_mesh, present)
+        for block in part.layers.values():
+            parallelize_module(block, tp_mesh, block_plan())
+    apply_activation_checkpointing(part.layers, ac)
+    if compile_cfg.compiles("model"):
+        compile_blocks(part.layers)
+    if dims.fsdp_enabled:
+        apply_fsdp(part, dims, parallelism, numerics)
+
+
+def apply_fsdp(
+    part: nn.Module, dims: ParallelDims, parallelism: ParallelismConfig, numerics: Numerics
+) -> None:
+    """FSDP2 per block and at the part's root; HSDP when the mesh has replicas."""
+    mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.mesh["dp_shard"]
+    reshard = {
+        # Under PP every micro-batch would re-gather the weights; keep them gathered instead.
+        "default": dims.pp == 1,
+        "always": True,
+        "never": False,
+    }[parallelism.fsdp_reshard_after_forward]
+    kwargs = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(
+            param_dtype=DTYPES[numerics.param_dtype], reduce_dtype=DTYPES[numerics.reduce_dtype]
+        ),
+    }
+    if numerics.cpu_offload:
+        # Pinned memory needs an accelerator; on a CPU-only machine it fails (DESIGN.md).
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    blocks = list(part.layers.values())
+    for index, block in enumerate(blocks):
+        # The last block's weights are needed again at once by backward: don't reshard them.
+        fully_shard(block, reshard_after_forward=reshard and index < len(blocks) - 1, **kwargs)
+    fully_shard(part, reshard_after_forward=reshard, **kwargs)

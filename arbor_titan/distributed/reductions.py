@@ -1,0 +1,41 @@
+"""Reductions across parallel dimensions that a plain single-process call would get wrong."""
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm_(
+    params: Iterable[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """Clip to the global gradient norm over every shard (DTensor) and every pipeline stage."""
+    params = [p for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # sums the squared partial norms of FSDP / TP shards
+    if pp_group is not None:
+        # Each stage holds different layers: their squared norms add up.
+        squared = total**2
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt()
+    if max_norm > 0 and math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def mean_over_data_parallel(value: torch.Tensor, dp_size: int, tp_size: int) -> torch.Tensor:
+    """The data-parallel mean of a loss that only last-stage ranks hold (others pass 0).
+
+    Summed over the world, each data-parallel replica's loss appears tp times (TP ranks hold
+    the same loss) and non-last pipeline stages add nothing.
+    """
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dp_size * tp_size
+    return value

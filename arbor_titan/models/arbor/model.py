@@ -1,0 +1,169 @@
+"""The Arbor decoder: Llama-style pre-norm blocks of GQA attention with RoPE and SwiGLU.
+
+Built on the meta device and materialized with `to_empty()` + `init_weights()`, so a 400B
+model is sharded before any of it touches real memory.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arbor_titan.models.arbor.args import ArborArgs
+
+
+def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+    """cos/sin tables of shape (max_seq_len, head_dim) stacked on dim 0, rotate-half layout.
+
+    The rotate-half layout (the first half of each head pairs with the second) is the one
+    Hugging Face Llama checkpoints use, so weights move between the two without permutation.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles_sd = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles_sd = torch.cat([angles_sd, angles_sd], dim=-1)
+    return torch.stack([angles_sd.cos(), angles_sd.sin()]).float()
+
+
+def apply_rope(x_bshd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    seq_len = x_bshd.shape[1]
+    cos_sd, sin_sd = cos_sin[0, :seq_len, None, :], cos_sin[1, :seq_len, None, :]
+    x1, x2 = x_bshd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_bshd * cos_sd + rotated * sin_sd).to(x_bshd.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, args: ArborArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x_bsd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, _ = x_bsd.shape
+        # -1 heads so a tensor-parallel shard (fewer local heads) needs no special case.
+        q_bshd = self.wq(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+        k_bshd = self.wk(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+        v_bshd = self.wv(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+        q_bshd, k_bshd = apply_rope(q_bshd, cos_sin), apply_rope(k_bshd, cos_sin)
+        out_bhsd = F.scaled_dot_product_attention(
+            q_bshd.transpose(1, 2),
+            k_bshd.transpose(1, 2),
+            v_bshd.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=q_bshd.shape[2] != k_bshd.shape[2],
+        )
+        return self.wo(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x_bsd: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_bsd)) * self.w3(x_bsd))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ArborArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x_bsd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        h_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), cos_sin)
+        return h_bsd + self.feed_forward(self.ffn_norm(h_bsd))
+
+    def init_weights(self, init_std: float, residual_std: float) -> None:
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        # The two residual writers (attention output, FFN down projection) start smaller so the
+        # residual stream's variance stays flat with depth (GPT-2's scaled init).
+        for linear, std in (
+            (self.attention.wq, init_std),
+            (self.attention.wk, init_std),
+            (self.attention.wv, init_std),
+            (self.attention.wo, residual_std),
+            (self.feed_forward.w1, init_std),
+            (self.feed_forward.w3, init_std),
+            (self.feed_forward.w2, residual_std),
+        ):
+            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+
+
+class Transformer(nn.Module):
+    """Token ids (batch, seq) → logits (batch, seq, vocab).
+
+    Layers live in a ModuleDict keyed by their index so pipeline stages can drop the layers they
+    don't own and keep the original names (checkpoints then reshard across stage splits).
+    Embedding, final norm and output may be None on pipeline stages that don't hold them.
+    """
+
+    def __init__(self, args: ArborArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
+        )
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        # A tied model has no output module: it reads the embedding matrix directly, which
+        # survives to_empty(), sharding and checkpoints without any re-tying.
+        self.output = (
+            None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        )
+        self.register_buffer(
+            "rope_cache",
+            rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta),
+            persistent=False,
+        )
+
+    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        h_bsd = self.tok_embeddings(tokens_bs) if self.tok_embeddings is not None else tokens_bs
+        for layer in self.layers.values():
+            h_bsd = layer(h_bsd, self.rope_cache)
+        if self.norm is not None:
+            h_bsd = self.norm(h_bsd)
+        if self.output is not None:
+            return self.output(h_bsd)
+        if self.args.tie_embeddings and self.tok_embeddings is not None:
+            return F.linear(h_bsd, self.tok_embeddings.weight)
+        return h_bsd
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Initialize every parameter and recompute the RoPE buffer (lost by `to_empty`)."""
+        args = self.args
+        buffer_device = buffer_device or self.rope_cache.device
+        self.rope_cache = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta).to(
+            buffer_device
+        )
+        init_std = 0.02
+        residual_std = init_std / math.sqrt(2 * args.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, std=init_std)
+        for layer in self.layers.values():
+            layer.init_weights(init_std, residual_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.trunc_normal_(self.output.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (a tied weight counts once); works on the meta device."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

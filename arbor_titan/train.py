@@ -1,0 +1,44 @@
+"""Entry point: `python -m arbor_titan.train CONFIG.toml [--section.key=value ...]`.
+
+Launched by ./run_train.sh through torchrun; also runs as a plain single process.
+"""
+
+import logging
+import os
+import sys
+
+from arbor_titan.config.cli import parse_cli
+from arbor_titan.config.loader import ConfigError, to_toml
+from arbor_titan.distributed.init import shutdown
+from arbor_titan.metrics.console import setup_console_logging
+
+logger = logging.getLogger("arbor_titan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    setup_console_logging(int(os.environ.get("RANK", 0)), show=True)
+    try:
+        cfg, print_only = parse_cli(argv)
+        if print_only:
+            print(to_toml(cfg))
+            return 0
+        from arbor_titan.trainer import Trainer, Validation
+
+        callbacks = [Validation()] if cfg.validation.enable else []
+        trainer = Trainer(cfg, callbacks)
+        trainer.train()
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        # User mistakes (config keys, values, paths) get one clear line, not a traceback;
+        # ARBOR_TRACEBACK=1 shows where it came from.
+        if os.environ.get("ARBOR_TRACEBACK") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""The training loop: builds the run in a fixed order, then steps until `training.steps`.
+
+Everything optional (validation, checkpoints, growth, context schedules) arrives as a
+`Callback`; the step itself is forward, backward, clip, optimizer step.
+"""
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
+
+from arbor_titan.callbacks import Callback
+from arbor_titan.config.job import JobConfig
+from arbor_titan.config.loader import to_toml
+from arbor_titan.data import build_dataloader, prepare_data
+from arbor_titan.distributed.init import ProcessInfo, barrier, init_distributed
+from arbor_titan.distributed.parallel_dims import ParallelDims
+from arbor_titan.distributed.parallelize import DTYPES, Numerics, parallelize
+from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
+from arbor_titan.distributed.reductions import clip_grad_norm_, mean_over_data_parallel
+from arbor_titan.metrics import MetricLogger, flops_per_token, memory_gib, mfu, peak_flops
+from arbor_titan.models.arbor import Transformer, count_params, resolve_args
+from arbor_titan.optim import build_lr_scheduler, build_optimizer
+
+logger = logging.getLogger("arbor_titan")
+
+
+@dataclass
+class TrainState:
+    """Progress counters that a checkpoint must carry."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+def cross_entropy_loss(logits_bsv: torch.Tensor, labels_bs: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss, computed in float32 whatever the compute dtype."""
+    return F.cross_entropy(logits_bsv.flatten(0, 1).float(), labels_bs.flatten(0, 1))
+
+
+class Trainer:
+    """Owns one run: its process group, data, model (parts), optimizer, metrics and hooks."""
+
+    def __init__(self, cfg: JobConfig, callbacks: list[Callback] | None = None):
+        self.cfg = cfg
+        self.proc: ProcessInfo = init_distributed()
+        self.dims = ParallelDims.from_config(cfg.parallelism, self.proc.world_size)
+        self.run_dir = Path(cfg.job.dump_folder) / cfg.job.name
+        self.state = TrainState()
+        self.callbacks = list(callbacks or [])
+        if self.proc.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg))
+        torch.manual_seed(cfg.training.seed)
+
+        self._build_data()
+        self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self._build_metrics()
+
+    # -- building, in order: data (the tokenizer fixes the vocabulary), model, optimizer, metrics
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        cache_dir = Path(cfg.job.dump_folder) / "cache"
+        # Rank 0 trains the tokenizer and fills the token cache; the others then only load.
+        if self.proc.is_main:
+            prepare_data(cfg.data, cfg.tokenizer, cache_dir, show_progress=True, log=logger.info)
+        barrier()
+        self.data = prepare_data(cfg.data, cfg.tokenizer, cache_dir, False, log=logger.debug)
+        self.tokenizer = self.data.tokenizer
+        dp_rank, dp_world = self.dims.dp_rank(), self.dims.dp
+        seq_len, batch = cfg.training.seq_len, cfg.training.local_batch_size
+        self.train_loader = build_dataloader(
+            self.data,
+            "train",
+            seq_len,
+            batch,
+            dp_rank,
+            dp_world,
+            cfg.training.seed,
+            cfg.data.num_workers,
+        )
+        self.val_loader = None
+        if cfg.validation.enable:
+            self.val_loader = build_dataloader(
+                self.data, "val", seq_len, batch, dp_rank, dp_world, cfg.training.seed
+            )
+
+    def _build_model(self) -> None:
+        """Meta model → (pipeline split) → parallelize each part → to_empty → init_weights."""
+        cfg, dims = self.cfg, self.dims
+        self.model_args = args = resolve_args(
+            cfg.model, self.tokenizer.vocab_size, cfg.training.seq_len
+        )
+        dims.validate_model(
+            args.n_layers,
+            args.n_heads,
+            args.n_kv_heads,
+            dims.pp * stages_per_rank(cfg.parallelism) if dims.pp > 1 else 1,
+            args.tie_embeddings,
+        )
+        with torch.device("meta"):
+            model = Transformer(args)
+        self.num_params = count_params(model)
+        self.num_embedding_params = model.tok_embeddings.weight.numel()
+        logger.info(
+            "model %s/%s: %s parameters (%d layers, dim %d, %d heads, %d kv heads, vocab %d); "
+            "layout dp_replicate %d × dp_shard %d × tp %d × pp %d",
+            cfg.model.name,
+            cfg.model.flavor,
+            f"{self.num_params:,}",
+            args.n_layers,
+            args.dim,
+            args.n_heads,
+            args.n_kv_heads,
+            args.vocab_size,
+            dims.dp_replicate,
+            dims.dp_shard,
+            dims.tp,
+            dims.pp,
+        )
+        self.pipeline = None
+        parts = [model]
+        if dims.pp > 1:
+            self.pipeline = Pipeline(
+                model,
+                dims,
+                cfg.parallelism,
+                cfg.training.local_batch_size,
+                cfg.training.gradient_accumulation_steps,
+                self.loss_fn,
+                self.proc.device,
+            )
+            parts = self.pipeline.parts
+        numerics = Numerics(
+            cfg.training.mixed_precision_param,
+            cfg.training.mixed_precision_reduce,
+            cfg.training.cpu_offload,
+        )
+        for part in parts:
+            parallelize(
+                part, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, numerics
+            )
+        # `model` is this rank's whole share (all local stages): the optimizer, clipping and
+        # checkpoints see it under the original parameter names.
+        model.to_empty(device="cpu" if cfg.training.cpu_offload else self.proc.device)
+        model.init_weights(buffer_device=self.proc.device)
+        for name, param in model.named_parameters():
+            if not torch.isfinite(
+                param.full_tensor() if hasattr(param, "full_tensor") else param
+            ).all():
+                raise RuntimeError(f"parameter {name} is not finite after init_weights()")
+        self.model = model
+        if self.pipeline is not None:
+            self.pipeline.build_schedule()
+        self.compute_dtype = DTYPES[cfg.training.mixed_precision_param]
+
+    @property
+    def loss_fn(self):
+        if not hasattr(self, "_loss_fn"):
+            self._loss_fn = (
+                torch.compile(cross_entropy_loss)
+                if self.cfg.compile.compiles("loss")
+                else cross_entropy_loss
+            )
+        return self._loss_fn
+
+    def _build_metrics(self) -> None:
+        cfg, args = self.cfg, self.model_args
+        self.metrics = MetricLogger(cfg.metrics, self.run_dir, enabled=self.proc.is_main)
+        self.metrics.log_text("config", to_toml(cfg))
+        self.flops_per_token = flops_per_token(
+            self.num_params,
+            self.num_embedding_params,
+            args.n_layers,
+            args.n_heads,
+            args.head_dim,
+            cfg.training.seq_len,
+        )
+        self.peak = peak_flops(self.proc.device, self.compute_dtype)
+        logger.info(
+            "MFU peak: %.1f TFLOP/s per device (%s)", self.peak.flops / 1e12, self.peak.source
+        )
+
+    # -- the step
+
+    def forward_context(self) -> contextlib.ExitStack:
+        """Autocast where FSDP2 doesn't already cast parameters; loss parallel under TP."""
+        stack = contextlib.ExitStack()
+        if self.compute_dtype != torch.float32 and not self.dims.fsdp_enabled:
+            stack.enter_context(torch.autocast(self.proc.device.type, dtype=self.compute_dtype))
+        if self.dims.tp > 1 and self.cfg.parallelism.enable_loss_parallel:
+            stack.enter_context(loss_parallel())
+        return stack
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches: (loss, grad norm)
+        as tensors local to this rank."""
+        accum = self.cfg.training.gradient_accumulation_steps
+        total_loss = torch.zeros((), device=self.proc.device)
+        for _ in range(accum):
+            inputs, labels = (t.to(self.proc.device) for t in next(self.train_iter))
+            with self.forward_context():
+                if self.pipeline is not None:
+                    loss = self.pipeline.step(inputs, labels)
+                else:
+                    loss = self.loss_fn(self.model(inputs), labels) / accum
+                    loss.backward()
+            total_loss += loss.detach()
+        pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp_group)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return total_loss, grad_norm
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.model.eval()
+        losses = []
+        for inputs, labels in self.val_loader.val_batches(self.cfg.validation.steps):
+            inputs, labels = inputs.to(self.proc.device), labels.to(self.proc.device)
+            with self.forward_context():
+                if self.pipeline is not None:
+                    losses.append(self.pipeline.step(inputs, labels, train=False))
+                else:
+                    losses.append(self.loss_fn(self.model(inputs), labels))
+        self.model.train()
+        return self.reduce_loss(torch.stack([torch.as_tensor(x) for x in losses]).mean())
+
+    def reduce_loss(self, loss: torch.Tensor) -> float:
+        return mean_over_data_parallel(loss, self.dims.dp, self.dims.tp).item()
+
+    def train(self) -> None:
+        cfg = self.cfg.training
+        tokens_per_step = (
+            cfg.local_batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * self.dims.dp
+        )
+        self.train_iter = iter(self.train_loader)
+        self.model.train()
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        logger.info(
+            "training to step %d, %s tokens per step, from step %d",
+            cfg.steps,
+            f"{tokens_per_step:,}",
+            self.state.step,
+        )
+        # Throughput counts only the time inside train_step, so validation and checkpoint
+        # callbacks don't dilute tokens/s.
+        window_seconds, window_steps = 0.0, 0
+        try:
+            while self.state.step < cfg.steps:
+                lr = self.lr_scheduler.get_last_lr()[0]
+                step_start = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                window_seconds += time.perf_counter() - step_start
+                window_steps += 1
+                self.state.step += 1
+                self.state.tokens_seen += tokens_per_step
+                if self._should_log():
+                    tokens_per_second = tokens_per_step * window_steps / window_seconds
+                    self.metrics.log_step(
+                        self.state.step,
+                        {
+                            "loss": self.reduce_loss(loss),
+                            "lr": lr,
+                            "grad_norm": grad_norm.item(),
+                            "tokens_per_second": tokens_per_second,
+                            "mfu": mfu(
+                                tokens_per_second / self.proc.world_size,
+                                self.flops_per_token,
+                                self.peak,
+                            ),
+                            "memory_gib": memory_gib(self.proc.device),
+                        },
+                    )
+                    window_seconds, window_steps = 0.0, 0
+                for callback in self.callbacks:
+                    callback.on_step_end(self)
+        finally:
+            for callback in self.callbacks:
+                callback.on_train_end(self)
+            self.metrics.close()
+
+    def _should_log(self) -> bool:
+        step = self.state.step
+        return step == 1 or step % self.cfg.metrics.log_freq == 0 or step == self.cfg.training.steps
+
+
+class Validation(Callback):
+    """Held-out loss every `validation.freq` steps and at the last step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        step, cfg = trainer.state.step, trainer.cfg
+        if step % cfg.validation.freq == 0 or step == cfg.training.steps:
+            trainer.metrics.log_step(step, {"val_loss": trainer.validation_loss()})

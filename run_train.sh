@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Train from a TOML config: ./run_train.sh [CONFIG.toml] [--section.key=value ...]
+#
+# Environment: NGPU (processes per node, default 1), NNODES (default 1), NODE_RANK,
+# RDZV_ENDPOINT (host:port of node 0, for several nodes), LOG_RANK (whose output is shown,
+# default 0), DRY_RUN=1 (plan the config without training; see arbor_titan.estimate).
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/env.sh
+
+CONFIG="train_configs/debug_model.toml"
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then
+    CONFIG="$1"
+    shift
+fi
+
+NGPU="${NGPU:-1}"
+NNODES="${NNODES:-1}"
+LOG_RANK="${LOG_RANK:-0}"
+
+if [ "${NNODES}" -gt 1 ]; then
+    : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of node 0 when NNODES > 1}"
+    rendezvous=(--nnodes="${NNODES}" --node_rank="${NODE_RANK:-0}" --rdzv_backend=c10d
+                --rdzv_endpoint="${RDZV_ENDPOINT}")
+else
+    rendezvous=(--standalone --nnodes=1)
+fi
+
+exec "${ARBOR_PYTHON}" -m torch.distributed.run "${rendezvous[@]}" \
+    --nproc_per_node="${NGPU}" --local-ranks-filter="${LOG_RANK}" --role=rank --tee=3 \
+    -m arbor_titan.train "${CONFIG}" "$@"
