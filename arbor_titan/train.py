@@ -7,10 +7,12 @@ import logging
 import os
 import sys
 
+from arbor_titan.checkpoint.manager import CheckpointError
 from arbor_titan.config.cli import parse_cli
 from arbor_titan.config.loader import ConfigError, to_toml
 from arbor_titan.distributed.init import shutdown
 from arbor_titan.metrics.console import setup_console_logging
+from arbor_titan.registry import PluginError
 
 logger = logging.getLogger("arbor_titan")
 
@@ -23,12 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(to_toml(cfg))
             return 0
+        from arbor_titan.checkpoint.manager import CheckpointManager
+        from arbor_titan.registry import load_plugins
         from arbor_titan.trainer import Trainer, Validation
 
+        load_plugins(cfg.plugins.modules)
         callbacks = [Validation()] if cfg.validation.enable else []
+        if cfg.checkpoint.enable:
+            callbacks.append(CheckpointManager(cfg.checkpoint))
         trainer = Trainer(cfg, callbacks)
         trainer.train()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, PluginError, ValueError, FileNotFoundError) as err:
         # User mistakes (config keys, values, paths) get one clear line, not a traceback;
         # ARBOR_TRACEBACK=1 shows where it came from.
         if os.environ.get("ARBOR_TRACEBACK") == "1":

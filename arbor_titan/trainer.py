@@ -18,13 +18,16 @@ from arbor_titan.callbacks import Callback
 from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import to_toml
 from arbor_titan.data import build_dataloader, prepare_data
+from arbor_titan.distributed.build import build_model
 from arbor_titan.distributed.init import ProcessInfo, barrier, init_distributed
 from arbor_titan.distributed.parallel_dims import ParallelDims
-from arbor_titan.distributed.parallelize import DTYPES, Numerics, parallelize
-from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
-from arbor_titan.distributed.reductions import clip_grad_norm_, mean_over_data_parallel
+from arbor_titan.distributed.parallelize import DTYPES
+from arbor_titan.distributed.reductions import (
+    clip_grad_norm_,
+    mean_over_data_parallel,
+    replicated_value,
+)
 from arbor_titan.metrics import MetricLogger, flops_per_token, memory_gib, mfu, peak_flops
-from arbor_titan.models.arbor import Transformer, count_params, resolve_args
 from arbor_titan.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("arbor_titan")
@@ -59,6 +62,9 @@ class Trainer:
         self.run_dir = Path(cfg.job.dump_folder) / cfg.job.name
         self.state = TrainState()
         self.callbacks = list(callbacks or [])
+        # Extra `Stateful` objects that plugins add to every checkpoint (growth, context, ...).
+        self.checkpoint_extras: dict[str, object] = {}
+        self.stop_requested = False
         if self.proc.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
@@ -100,22 +106,11 @@ class Trainer:
             )
 
     def _build_model(self) -> None:
-        """Meta model → (pipeline split) → parallelize each part → to_empty → init_weights."""
         cfg, dims = self.cfg, self.dims
-        self.model_args = args = resolve_args(
-            cfg.model, self.tokenizer.vocab_size, cfg.training.seq_len
-        )
-        dims.validate_model(
-            args.n_layers,
-            args.n_heads,
-            args.n_kv_heads,
-            dims.pp * stages_per_rank(cfg.parallelism) if dims.pp > 1 else 1,
-            args.tie_embeddings,
-        )
-        with torch.device("meta"):
-            model = Transformer(args)
-        self.num_params = count_params(model)
-        self.num_embedding_params = model.tok_embeddings.weight.numel()
+        built = build_model(cfg, dims, self.tokenizer.vocab_size, self.loss_fn, self.proc.device)
+        self.model_args, self.model, self.pipeline = built.args, built.model, built.pipeline
+        self.num_params, self.num_embedding_params = built.num_params, built.num_embedding_params
+        args = built.args
         logger.info(
             "model %s/%s: %s parameters (%d layers, dim %d, %d heads, %d kv heads, vocab %d); "
             "layout dp_replicate %d × dp_shard %d × tp %d × pp %d",
@@ -132,40 +127,6 @@ class Trainer:
             dims.tp,
             dims.pp,
         )
-        self.pipeline = None
-        parts = [model]
-        if dims.pp > 1:
-            self.pipeline = Pipeline(
-                model,
-                dims,
-                cfg.parallelism,
-                cfg.training.local_batch_size,
-                cfg.training.gradient_accumulation_steps,
-                self.loss_fn,
-                self.proc.device,
-            )
-            parts = self.pipeline.parts
-        numerics = Numerics(
-            cfg.training.mixed_precision_param,
-            cfg.training.mixed_precision_reduce,
-            cfg.training.cpu_offload,
-        )
-        for part in parts:
-            parallelize(
-                part, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, numerics
-            )
-        # `model` is this rank's whole share (all local stages): the optimizer, clipping and
-        # checkpoints see it under the original parameter names.
-        model.to_empty(device="cpu" if cfg.training.cpu_offload else self.proc.device)
-        model.init_weights(buffer_device=self.proc.device)
-        for name, param in model.named_parameters():
-            if not torch.isfinite(
-                param.full_tensor() if hasattr(param, "full_tensor") else param
-            ).all():
-                raise RuntimeError(f"parameter {name} is not finite after init_weights()")
-        self.model = model
-        if self.pipeline is not None:
-            self.pipeline.build_schedule()
         self.compute_dtype = DTYPES[cfg.training.mixed_precision_param]
 
     @property
@@ -219,7 +180,7 @@ class Trainer:
                 else:
                     loss = self.loss_fn(self.model(inputs), labels) / accum
                     loss.backward()
-            total_loss += loss.detach()
+            total_loss += replicated_value(loss.detach())
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp_group)
         self.optimizer.step()
@@ -237,9 +198,9 @@ class Trainer:
                 if self.pipeline is not None:
                     losses.append(self.pipeline.step(inputs, labels, train=False))
                 else:
-                    losses.append(self.loss_fn(self.model(inputs), labels))
+                    losses.append(replicated_value(self.loss_fn(self.model(inputs), labels)))
         self.model.train()
-        return self.reduce_loss(torch.stack([torch.as_tensor(x) for x in losses]).mean())
+        return self.reduce_loss(torch.stack(losses).mean())
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
         return mean_over_data_parallel(loss, self.dims.dp, self.dims.tp).item()
@@ -263,7 +224,7 @@ class Trainer:
         # callbacks don't dilute tokens/s.
         window_seconds, window_steps = 0.0, 0
         try:
-            while self.state.step < cfg.steps:
+            while self.state.step < cfg.steps and not self.stop_requested:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step()
@@ -295,6 +256,10 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_train_end(self)
             self.metrics.close()
+
+    def request_stop(self) -> None:
+        """End training after the current step's callbacks (e.g. on SIGTERM)."""
+        self.stop_requested = True
 
     def _should_log(self) -> bool:
         step = self.state.step

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from arbor_titan.checkpoint.config import CheckpointConfig
 from arbor_titan.config.fields import option
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointConfig
@@ -10,6 +11,7 @@ from arbor_titan.distributed.parallel_dims import ParallelismConfig
 from arbor_titan.metrics.config import MetricsConfig
 from arbor_titan.models.arbor.args import ModelConfig
 from arbor_titan.optim.config import LRSchedulerConfig, OptimizerConfig
+from arbor_titan.registry import PluginsConfig
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -81,3 +83,5 @@ class JobConfig:
         default_factory=ActivationCheckpointConfig
     )
     compile: CompileConfig = field(default_factory=CompileConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)

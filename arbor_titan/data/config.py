@@ -60,5 +60,5 @@ def check_tokenizer_config(cfg: TokenizerConfig) -> None:
     # 256 byte-fallback pieces plus unk/bos/eos must fit, with room for real merges.
     if cfg.vocab_size < 300:
         raise ValueError(f"tokenizer.vocab_size must be >= 300, got {cfg.vocab_size}")
-    if cfg.max_sentences <= 0:
-        raise ValueError(f"tokenizer.max_sentences must be positive, got {cfg.max_sentences}")
+    if cfg.max_sentences <= 100:  # sentencepiece's own lower bound
+        raise ValueError(f"tokenizer.max_sentences must be > 100, got {cfg.max_sentences}")

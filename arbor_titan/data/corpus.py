@@ -64,17 +64,23 @@ class Corpus:
     def plan(self) -> SplitPlan:
         """Read the corpus once to assign splits; raise if no document survives."""
         skipped: Counter = Counter()
-        names = [name for name, _ in self._read(skipped)]
-        if not names:
+        val: set[str] = set()
+        count, lowest, highest = 0, (1.0, ""), (-1.0, "")
+        for name, _ in self._read(skipped):
+            key = (unit_hash(name), name)
+            count += 1
+            lowest, highest = min(lowest, key), max(highest, key)
+            if key[0] < self.cfg.val_fraction:
+                val.add(name)
+        if not count:
             raise ValueError(f"no usable documents in the corpus: {describe_skips(skipped)}")
-        val = {n for n in names if unit_hash(n) < self.cfg.val_fraction}
         # Tiny corpora still get one validation and one training document when they can.
-        if not val and self.cfg.val_fraction > 0 and len(names) >= 2:
-            val = {min(names, key=unit_hash)}
-        if len(val) == len(names):
-            val.discard(max(names, key=unit_hash))
-        num_val = len(val)
-        return SplitPlan(frozenset(val), {"train": len(names) - num_val, "val": num_val}, skipped)
+        if not val and self.cfg.val_fraction > 0 and count >= 2:
+            val.add(lowest[1])
+        if len(val) == count:
+            val.discard(highest[1])
+        num_docs = {"train": count - len(val), "val": len(val)}
+        return SplitPlan(frozenset(val), num_docs, skipped)
 
     def documents(self, split: str | None = None) -> Iterator[tuple[str, str]]:
         """Valid documents in order; only those of `split` ("train" | "val") when given."""

@@ -10,9 +10,6 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from arbor_titan.data.dataset import PackedSequences
 from arbor_titan.data.prepare import PreparedData
 
-# torchdata 0.11 calls an API that torch 2.13 deprecated; the warning says nothing about our run.
-warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -25,9 +22,12 @@ class TokenLoader:
 
     def __init__(self, dataset: PackedSequences, split: str, batch_size: int, num_workers: int):
         self.dataset, self.split = dataset, split
-        self._loader = StatefulDataLoader(
-            dataset, batch_size=batch_size, shuffle=False, drop_last=True, num_workers=num_workers
-        )
+        # torchdata 0.11 calls a torch API that 2.13 deprecated: noise that says nothing of our run.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            self._loader = StatefulDataLoader(
+                dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers
+            )
         self._iter: Iterator | None = None
 
     @property
@@ -80,9 +80,10 @@ def build_dataloader(
     dataset = PackedSequences(tokens, seq_len, dp_rank, dp_world, seed, shuffle=split == "train")
     if len(dataset) < batch_size:
         needed = batch_size * dp_world * (seq_len + 1)
+        more = "a larger data.val_fraction" if split == "val" else "more data"
         raise ValueError(
             f"the {split} split has {len(tokens):,} tokens, fewer than one batch needs: "
             f"batch_size={batch_size} x dp_world={dp_world} x (seq_len={seq_len} + 1) = "
-            f"{needed:,}; use a smaller training.seq_len or local_batch_size, or more data"
+            f"{needed:,}; use a smaller training.seq_len or local_batch_size, or {more}"
         )
     return TokenLoader(dataset, split, batch_size, num_workers)

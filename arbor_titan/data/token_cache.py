@@ -36,6 +36,8 @@ class TokenCache:
 
     def tokens(self, split: str) -> np.ndarray:
         """A read-only memory map of one split's token stream."""
+        if not self.num_tokens[split]:  # e.g. val with data.val_fraction = 0; mmap refuses it
+            return np.zeros(0, self.dtype)
         return np.memmap(self.paths[split], dtype=self.dtype, mode="r")
 
 
@@ -84,7 +86,6 @@ def _encode(
     with ExitStack() as stack:  # unwinds in reverse: files close before they move into place
         tmp_paths = {split: stack.enter_context(atomic_path(p)) for split, p in paths.items()}
         files = {split: stack.enter_context(p.open("wb")) for split, p in tmp_paths.items()}
-
         for batch in _batches(corpus.documents(), _BATCH_CHARS):
             texts = [text for _, text in batch]
             for (name, _), ids in zip(batch, tokenizer.encode_batch(texts)):

@@ -40,12 +40,19 @@ _TRAINER_SETTINGS = {
 }
 
 
+# sentencepiece's space marker "▁": a literal one in the text would decode as a space.
+_MARK = "\u2581"
+
+
 class Tokenizer:
     """Text ↔ token ids, without BOS/EOS unless the caller adds them."""
 
     def __init__(self, path: Path):
         self._path = Path(path)
         self._sp = spm.SentencePieceProcessor(model_file=str(self._path))
+        # With byte fallback, a literal "▁" is spelled as its UTF-8 bytes, which decode exactly.
+        mark_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _MARK.encode()]
+        self._mark_ids = mark_ids if all(self._sp.is_byte(i) for i in mark_ids) else None
 
     @property
     def path(self) -> Path:
@@ -64,11 +71,17 @@ class Tokenizer:
         return self._sp.eos_id()
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        if self._mark_ids is None or _MARK not in text:
+            return self._sp.encode(text)
+        first, *rest = (self._sp.encode(part) for part in text.split(_MARK))
+        for part in rest:
+            first += self._mark_ids + part
+        return first
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once on all cores (sentencepiece's own thread pool)."""
-        return self._sp.encode(texts, num_threads=os.cpu_count())
+        batch = self._sp.encode(texts, num_threads=os.cpu_count())
+        return [self.encode(t) if _MARK in t else ids for t, ids in zip(texts, batch)]
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)

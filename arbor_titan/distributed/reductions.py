@@ -26,15 +26,18 @@ def clip_grad_norm_(
     return total
 
 
+def replicated_value(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a loss that loss parallel returns as a replicated DTensor."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def mean_over_data_parallel(value: torch.Tensor, dp_size: int, tp_size: int) -> torch.Tensor:
     """The data-parallel mean of a loss that only last-stage ranks hold (others pass 0).
 
     Summed over the world, each data-parallel replica's loss appears tp times (TP ranks hold
     the same loss) and non-last pipeline stages add nothing.
     """
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    value = value.detach().float().clone()
+    value = replicated_value(value).detach().float().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
         value /= dp_size * tp_size

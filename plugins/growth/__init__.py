@@ -1,0 +1,1 @@
+"""Built-in growth plugins: function-preserving operators and schedules (work in progress)."""

@@ -1,0 +1,1 @@
+"""Built-in inference engine: static KV cache, batching, an HTTP server (work in progress)."""
