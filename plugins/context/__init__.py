@@ -1,1 +1,1 @@
-"""Built-in adaptive-context plugins: sequence-length schedules and RoPE scalings (work in progress)."""
+"""Built-in adaptive-context plugins: sequence-length schedules and RoPE scalings."""
