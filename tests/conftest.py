@@ -32,14 +32,24 @@ def train_command(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "arbor_titan.train"]
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "arbor_titan.train",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "arbor_titan.train",
     ]
 
 
 def run_training(
-    dump_folder: Path, job: str, *overrides: str, nproc: int = 1, script: list[str] | None = None,
-    check: bool = True, timeout: float = 300,
+    dump_folder: Path,
+    job: str,
+    *overrides: str,
+    nproc: int = 1,
+    script: list[str] | None = None,
+    check: bool = True,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess:
     """Train the debug config in a subprocess (torchrun when nproc > 1)."""
     command = (script or train_command(nproc)) + [
@@ -49,10 +59,17 @@ def run_training(
         *FAST_TRAINING,
         *overrides,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+    }
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 

@@ -216,10 +216,19 @@ class CheckpointManager(Callback):
 
     def _load(self, trainer: "Trainer", folder: Path) -> None:
         saved = set(FileSystemReader(folder).read_metadata().state_dict_metadata)
+
+        def in_checkpoint(key: str) -> bool:
+            return any(s == key or s.startswith(key + ".") for s in saved)
+
         states = self._states(trainer)
-        # Per-rank entries exist only when this rank's counterpart saved: a layout change (other
-        # world size) keeps fresh RNG state; the data position is carried over by the loader.
-        missing = [k for k in states if not any(s == k or s.startswith(k + ".") for s in saved)]
+        # Per-rank entries exist only when this rank's counterpart saved. Under another layout
+        # (a different data-parallel world) every rank reads data rank 0's loader state and
+        # resumes at the same global position (TokenLoader.load_state_dict); RNG state starts
+        # fresh (nothing in training draws from it between steps).
+        loader_key = f"dataloader_dp_rank_{trainer.dims.dp_rank()}"
+        if not in_checkpoint(loader_key) and in_checkpoint("dataloader_dp_rank_0"):
+            states["dataloader_dp_rank_0"] = states.pop(loader_key)
+        missing = [key for key in states if not in_checkpoint(key)]
         for key in missing:
             states.pop(key)
         dcp.load(states, checkpoint_id=str(folder))

@@ -29,14 +29,15 @@ class PackedSequences(Dataset):
         self.num_seq = len(tokens) // (seq_len + 1)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select epoch `epoch`'s order; call before a new pass (and before workers start)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select epoch `epoch`'s order from this rank's `start`-th window on; call before a new
+        pass (and before workers start)."""
+        self.epoch, self.start = epoch, start
         order = np.arange(self.num_seq)
         if self.shuffle:
             order = np.random.default_rng(self.seed + epoch).permutation(self.num_seq)
         per_rank = self.num_seq // self.dp_world
-        self._windows = order[self.dp_rank :: self.dp_world][:per_rank]
+        self._windows = order[self.dp_rank :: self.dp_world][:per_rank][start:]
 
     def __len__(self) -> int:
         return len(self._windows)

@@ -22,13 +22,21 @@ class TokenLoader:
 
     def __init__(self, dataset: PackedSequences, split: str, batch_size: int, num_workers: int):
         self.dataset, self.split = dataset, split
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self._loader = self._new_loader()
+        self._iter: Iterator | None = None
+        self._consumed = 0  # windows of this rank's shard taken in the current epoch
+
+    def _new_loader(self) -> StatefulDataLoader:
         # torchdata 0.11 calls a torch API that 2.13 deprecated: noise that says nothing of our run.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-            self._loader = StatefulDataLoader(
-                dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers
+            return StatefulDataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                drop_last=True,
+                num_workers=self.num_workers,
             )
-        self._iter: Iterator | None = None
 
     @property
     def epoch(self) -> int:
@@ -43,17 +51,42 @@ class TokenLoader:
         try:
             inputs, labels = next(self._iter)
         except StopIteration:  # the epoch is over: reshuffle and go on
-            self.dataset.set_epoch(self.epoch + 1)
+            self._start_epoch(self.epoch + 1, start=0)
             self._iter = iter(self._loader)
             inputs, labels = next(self._iter)
+        self._consumed += len(inputs)
         return inputs, labels
 
+    def _start_epoch(self, epoch: int, start: int) -> None:
+        self.dataset.set_epoch(epoch, start)
+        self._consumed = start
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "loader": self._loader.state_dict()}
+        return {
+            "epoch": self.epoch,
+            "loader": self._loader.state_dict(),
+            "start": self.dataset.start,
+            # Sequences of this epoch that all data-parallel ranks together have consumed: the
+            # layout-free position, since rank r reads windows r, r + world, r + 2·world, ...
+            "global_consumed": self._consumed * self.dataset.dp_world,
+            "dp_world": self.dataset.dp_world,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.dataset.set_epoch(state["epoch"])
-        self._loader.load_state_dict(state["loader"])
+        """Resume exactly on the same layout; on another data-parallel world size, resume at the
+        same global position (rounded down to a whole window per rank)."""
+        same_layout = (state["dp_world"], state["batch_size"]) == (
+            self.dataset.dp_world,
+            self.batch_size,
+        )
+        if same_layout:
+            self._start_epoch(state["epoch"], state["start"])
+            self._loader.load_state_dict(state["loader"])
+            self._consumed = state["global_consumed"] // self.dataset.dp_world
+        else:
+            self._start_epoch(state["epoch"], state["global_consumed"] // self.dataset.dp_world)
+            self._loader = self._new_loader()
         self._iter = None
 
     def val_batches(self, max_batches: int) -> Iterator[Batch]:

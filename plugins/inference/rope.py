@@ -1,10 +1,11 @@
 """Position → cos/sin tables for the KV-cache forward: the one place RoPE scaling enters.
 
-The table is computed up to the cache's length, not the model's training length, so a model can
-generate past `max_seq_len` (with the quality its RoPE allows there). A scaled RoPE is a
-`rope_scaling` plugin looked up by the name in the model's settings, e.g. `{"type": "linear",
-"factor": 4.0}` in `model_args.json` or an HF `config.json`; the plugin is called as
-`plugin(args, length, settings)` and returns the (2, length, head_dim) table.
+The table is computed from the model args up to the cache's length, not the training length,
+so a model can generate past `max_seq_len` (with the quality its RoPE allows there).
+
+Hook for RoPE scaling: when the args carry `rope_scaling` settings naming a type (e.g.
+`{"type": "linear", "factor": 4.0}`), the `rope_scaling` plugin of that name is called as
+`plugin(args, length, settings)` and must return the (2, length, head_dim) table.
 """
 
 from collections.abc import Mapping
@@ -31,14 +32,9 @@ def scaling_name(settings: Mapping[str, Any] | None) -> str | None:
     raise ValueError(f"rope_scaling {dict(settings)!r} names no type (one of {_NAME_KEYS})")
 
 
-def rope_table(
-    args: ArborArgs, length: int, scaling: Mapping[str, Any] | None = None
-) -> torch.Tensor:
-    """fp32 cos/sin of shape (2, length, head_dim) for positions 0..length-1 (rotate-half).
-
-    `scaling` defaults to `args.rope_scaling` when the args carry one.
-    """
-    scaling = scaling if scaling is not None else getattr(args, "rope_scaling", None)
+def rope_table(args: ArborArgs, length: int) -> torch.Tensor:
+    """fp32 cos/sin of shape (2, length, head_dim) for positions 0..length-1 (rotate-half)."""
+    scaling = getattr(args, "rope_scaling", None)
     name = scaling_name(scaling)
     if name is None:
         return rope_cos_sin(args.head_dim, length, args.rope_theta)

@@ -1,8 +1,8 @@
 """Train like `python -m arbor_titan.train`, but die by SIGKILL at a chosen point.
 
-    crash_train.py --kill-after-step N ARGS...        killed between checkpoints
-    crash_train.py --kill-while-saving-step N ARGS... killed after writing step N's shards,
-                                                      before the checkpoint is published
+crash_train.py --kill-after-step N ARGS...        killed between checkpoints
+crash_train.py --kill-while-saving-step N ARGS... killed after writing step N's shards,
+                                                  before the checkpoint is published
 """
 
 import os
@@ -42,5 +42,7 @@ def kill_while_saving(step: int) -> None:
 
 if __name__ == "__main__":
     mode, step, *args = sys.argv[1:]
-    {"--kill-after-step": kill_after_step, "--kill-while-saving-step": kill_while_saving}[mode](int(step))
+    {"--kill-after-step": kill_after_step, "--kill-while-saving-step": kill_while_saving}[mode](
+        int(step)
+    )
     sys.exit(main(args))

@@ -76,7 +76,9 @@ def test_keep_latest_k_and_load_step(dump_folder, uninterrupted):
     run_training(dump_folder, "keep", *STEPS, "--checkpoint.keep_latest_k=2")
     assert checkpoints(dump_folder, "keep") == ["step-4", "step-6"]
     # Resume from step 4 explicitly and train on: steps 5 and 6 repeat the same losses.
-    run_training(dump_folder, "keep", *STEPS, "--checkpoint.load_step=4", "--checkpoint.interval=100")
+    run_training(
+        dump_folder, "keep", *STEPS, "--checkpoint.load_step=4", "--checkpoint.interval=100"
+    )
     after = losses(dump_folder, "keep")
     assert [after[5], after[6]] == [uninterrupted[5], uninterrupted[6]]
     missing = run_training(dump_folder, "keep", *STEPS, "--checkpoint.load_step=3", check=False)
@@ -88,21 +90,31 @@ def test_async_saving_resumes_exactly(dump_folder, uninterrupted):
     assert checkpoints(dump_folder, "async") == ["step-2", "step-4", "step-6"]
     # Training went on while step 2 and 4 were written: neither the run nor the saves noticed.
     assert losses(dump_folder, "async") == uninterrupted
-    run_training(dump_folder, "async", *STEPS, "--checkpoint.load_step=2",
-                 "--checkpoint.async_mode=async")
+    run_training(
+        dump_folder, "async", *STEPS, "--checkpoint.load_step=2", "--checkpoint.async_mode=async"
+    )
     after = losses(dump_folder, "async")
     assert [after[s] for s in range(3, 7)] == [uninterrupted[s] for s in range(3, 7)]
 
 
 def test_sigterm_saves_then_exits_cleanly(dump_folder):
     command = train_command(1) + [
-        str(REPO / "train_configs/debug_model.toml"), f"--job.dump_folder={dump_folder}",
-        "--job.name=sigterm", "--data.max_files=200", "--tokenizer.vocab_size=512",
-        "--training.seq_len=64", "--training.local_batch_size=4", "--validation.enable=false",
-        "--lr_scheduler.warmup_steps=2", "--training.steps=100000", "--checkpoint.interval=100000",
+        str(REPO / "train_configs/debug_model.toml"),
+        f"--job.dump_folder={dump_folder}",
+        "--job.name=sigterm",
+        "--data.max_files=200",
+        "--tokenizer.vocab_size=512",
+        "--training.seq_len=64",
+        "--training.local_batch_size=4",
+        "--validation.enable=false",
+        "--lr_scheduler.warmup_steps=2",
+        "--training.steps=100000",
+        "--checkpoint.interval=100000",
         "--metrics.log_freq=1",
     ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = dump_folder / "sigterm" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 3):

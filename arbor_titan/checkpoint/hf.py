@@ -1,0 +1,280 @@
+"""Hugging Face Llama folders (`config.json` + safetensors) to and from our DCP checkpoints.
+
+An Arbor model is a Llama: the weights only change names (see `_TOP_NAMES`, `_LAYER_NAMES`).
+No q/k permutation is needed: our RoPE rotates halves (feature i pairs with i + head_dim/2),
+which is Hugging Face's `rotate_half`, so wq/wk rows are already in HF's order. Meta's original
+Llama checkpoints (and TorchTitan's) rotate interleaved pairs (2i, 2i+1) and need HF's
+`permute` on conversion; ours do not. tests/checkpoint/test_convert.py proves it: the exported
+model's logits in `transformers` equal ours, and a `transformers` model imports with equal logits.
+
+Export writes one `model.safetensors`, or HF's sharded layout with an index when the weights
+exceed `max_shard_bytes`; only one shard is in memory at a time. Import memory-maps the
+safetensors files.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from arbor_titan.checkpoint.convert import (
+    ConversionError,
+    DcpWeights,
+    Emit,
+    TensorProgress,
+    check_shapes,
+    copy_side_files,
+    new_output,
+    save_dcp,
+    some_names,
+    write_model_args,
+)
+from arbor_titan.checkpoint.manager import TOKENIZER_FILE
+from arbor_titan.models.arbor.args import ArborArgs
+
+CONFIG_JSON = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# The shard size transformers used by default through v4: small enough for hub uploads and for
+# one shard to sit in memory while it is written.
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+# Older transformers saved RoPE's inverse frequencies; they follow from config.json.
+_HF_DERIVED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _rename(name: str, top: dict, layer: dict, pattern: re.Pattern, prefix: str) -> str | None:
+    if name in top:
+        return top[name]
+    match = pattern.fullmatch(name)
+    if match and match[2] in layer:
+        return f"{prefix}{match[1]}.{layer[match[2]]}.weight"
+    return None
+
+
+def to_hf_name(name: str) -> str | None:
+    """`layers.0.attention.wq.weight` -> `model.layers.0.self_attn.q_proj.weight`."""
+    return _rename(name, _TOP_NAMES, _LAYER_NAMES, _OUR_LAYER, "model.layers.")
+
+
+def from_hf_name(name: str) -> str | None:
+    """The inverse of `to_hf_name`; None for a name that isn't part of a Llama."""
+    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
+    layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+    return _rename(name, top, layer, _HF_LAYER, "layers.")
+
+
+# -- config.json
+
+
+def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict:
+    """A LlamaConfig's fields for `args`, readable by transformers v4 and v5."""
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps,
+        # v4 reads rope_theta/rope_scaling; v5 reads rope_parameters.
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if tokenizer is not None:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        config.update(bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
+    return config
+
+
+def args_from_hf_config(config: dict, path: Path) -> ArborArgs:
+    """ArborArgs for a Llama config.json; features an Arbor model lacks are refused by name."""
+    if config.get("model_type") != "llama":
+        raise ConversionError(f"{path}: model_type {config.get('model_type')!r}, only 'llama'")
+    for key, wanted in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if config.get(key, wanted) != wanted:
+            raise ConversionError(f"{path}: {key}={config[key]!r} is not supported ({wanted!r})")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConversionError(f"{path}: RoPE scaling {rope_type!r} is not supported (plain RoPE)")
+    try:
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        args = ArborArgs(
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            ffn_dim=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            max_seq_len=config.get("max_position_embeddings", 2048),
+        )
+    except KeyError as err:
+        raise ConversionError(f"{path}: missing {err.args[0]!r}") from err
+    if config.get("head_dim") not in (None, args.head_dim):
+        raise ConversionError(
+            f"{path}: head_dim={config['head_dim']} is not hidden_size/num_attention_heads="
+            f"{args.head_dim}; Arbor derives head_dim from them"
+        )
+    try:
+        args.validate()
+    except ValueError as err:
+        raise ConversionError(f"{path}: {err}") from err
+    return args
+
+
+# -- export
+
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped so each group stays under `max_bytes` (or is one tensor)."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > max_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    return shards
+
+
+def dcp_to_hf(
+    src: Path,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    emit: Emit | None = None,
+) -> None:
+    """Write the model of DCP folder `src` as a Hugging Face Llama folder `out`.
+
+    `dtype` casts the weights (e.g. bfloat16 to halve the download); None keeps them exact.
+    """
+    weights = DcpWeights(src)
+    sizes = {name: weights.nbytes(name, dtype) for name in weights.names}
+    shards = _plan_shards(sizes, max_shard_bytes)
+    files = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
+    progress = TensorProgress("convert", len(weights.names), emit)
+    weight_map = {}
+    with new_output(out) as temp:
+        temp.mkdir()
+        for file, names in zip(files, shards):
+            shard = {
+                to_hf_name(name): tensor if dtype is None else tensor.to(dtype)
+                for name, tensor in weights.iter_tensors(names, progress)
+            }
+            save_file(shard, temp / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (temp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        tokenizer = src / TOKENIZER_FILE
+        tokenizer = tokenizer if tokenizer.is_file() else None
+        saved_dtype = dtype or weights.specs[weights.names[0]].properties.dtype
+        config = hf_config(weights.args, saved_dtype, tokenizer)
+        (temp / CONFIG_JSON).write_text(json.dumps(config, indent=2))
+        copy_side_files(src, temp, (TOKENIZER_FILE,))
+
+
+# -- import
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    if (folder / INDEX_FILE).is_file():
+        weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    elif (folder / SINGLE_FILE).is_file():
+        files = [folder / SINGLE_FILE]
+    elif list(folder.glob("*.bin")):
+        raise ConversionError(
+            f"{folder}: only safetensors weights are read (pickled .bin files can run code); "
+            "re-save with save_pretrained(safe_serialization=True)"
+        )
+    else:
+        raise ConversionError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+    for file in files:
+        if not file.is_file():
+            raise ConversionError(f"{file}: missing (named by {folder / INDEX_FILE})")
+    return files
+
+
+def _read_hf_tensors(folder: Path, args: ArborArgs) -> dict[str, torch.Tensor]:
+    """Every weight under our names, memory-mapped; unknown names are an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    unknown = []
+    for file in _safetensors_files(folder):
+        handle = safe_open(file, framework="pt")
+        for hf_name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+            ours = from_hf_name(hf_name)
+            # A tied model reads the embedding; HF may still have stored lm_head as a copy.
+            if _HF_DERIVED.fullmatch(hf_name) or (ours == "output.weight" and args.tie_embeddings):
+                continue
+            if ours is None:
+                unknown.append(f"{hf_name} (in {file.name})")
+            elif ours in tensors:
+                raise ConversionError(f"{file}: {hf_name} is stored twice")
+            else:
+                tensors[ours] = handle.get_tensor(hf_name)
+    if unknown:
+        raise ConversionError(f"{folder}: unknown keys (not part of a Llama) {some_names(unknown)}")
+    return tensors
+
+
+def hf_to_dcp(src: Path, out: Path, emit: Emit | None = None) -> None:
+    """Write the Hugging Face Llama folder `src` as a DCP checkpoint folder `out`."""
+    if not src.is_dir():
+        raise ConversionError(f"{src}: no such Hugging Face model folder")
+    config_path = src / CONFIG_JSON
+    if not config_path.is_file():
+        raise ConversionError(f"{config_path}: missing (not a Hugging Face model folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{config_path}: not JSON ({err})") from err
+    args = args_from_hf_config(config, config_path)
+    tensors = _read_hf_tensors(src, args)
+    check_shapes({name: t.shape for name, t in tensors.items()}, args, src)
+    with new_output(out) as temp:
+        save_dcp(tensors, temp, emit)
+        write_model_args(args, temp)
+        copy_side_files(src, temp, (TOKENIZER_FILE,))

@@ -1,0 +1,37 @@
+"""Command-line options shared by `scripts/generate.py`, `scripts/serve.py` and the benchmark:
+which weights to load, in which dtype, on which device."""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from plugins.inference.loading import DTYPES, LoadedModel, load_model, newest_checkpoint
+
+# Where the README's first training command (./run_train.sh, the debug model) saves.
+DEFAULT_CHECKPOINTS = Path("outputs/debug/checkpoints")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a DCP step-N folder, a consolidated .pt file or a Hugging Face folder "
+        f"(default: the newest checkpoint in {DEFAULT_CHECKPOINTS})",
+    )
+    parser.add_argument(
+        "--model-args", type=Path, help="model_args.json (or its folder) for a .pt file"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model, if not beside the weights")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> LoadedModel:
+    """The model named by `add_model_arguments`' options."""
+    checkpoint = args.checkpoint or newest_checkpoint(DEFAULT_CHECKPOINTS)
+    return load_model(
+        checkpoint, DTYPES[args.dtype], torch.device(args.device), args.model_args, args.tokenizer
+    )

@@ -1,0 +1,119 @@
+"""Load a model for inference from any of the project's weight layouts, in one process.
+
+- a DCP checkpoint folder (`step-N/`, from any training layout: FSDP, TP, PP);
+- a consolidated `.pt` file of `{param name: tensor}` (shape from `model_args.json`);
+- a Hugging Face Llama folder (`config.json` + safetensors).
+
+The files are read with the checkpoint converters' readers (`arbor_titan.checkpoint.convert`,
+`.hf`), so the name map and the checks live in one place. The model is built on meta,
+materialized with `to_empty` and filled from the weights: no random init is computed only to
+be overwritten.
+"""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from arbor_titan.checkpoint.convert import (
+    ConversionError,
+    check_shapes,
+    load_torch_weights,
+    read_model_args,
+)
+from arbor_titan.checkpoint.folders import complete_checkpoints
+from arbor_titan.checkpoint.hf import CONFIG_JSON, _read_hf_tensors, args_from_hf_config
+from arbor_titan.checkpoint.manager import MODEL_ARGS_FILE, TOKENIZER_FILE
+from arbor_titan.checkpoint.stateful import ModelState
+from arbor_titan.data.tokenizer import Tokenizer
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.models.arbor.model import Transformer
+from plugins.inference.rope import rope_table
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a bad path or file raises; scripts report these as one-line errors.
+LOAD_ERRORS = (OSError, ValueError, ConversionError)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference and the tokenizer it was trained with."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    source: Path
+
+    @property
+    def args(self) -> ArborArgs:
+        return self.model.args
+
+
+def newest_checkpoint(root: Path) -> Path:
+    """The newest complete `step-N/` folder under `root`; a clear error if there is none."""
+    found = complete_checkpoints(Path(root))
+    if not found:
+        raise FileNotFoundError(
+            f"no checkpoint in {root}: train one first with ./run_train.sh (the debug model "
+            "saves to outputs/debug/checkpoints), or pass --checkpoint PATH"
+        )
+    return found[-1][1]
+
+
+def load_model(
+    path: Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    model_args: Path | None = None,
+    tokenizer: Path | None = None,
+) -> LoadedModel:
+    """Load `path` (a DCP folder, an HF folder or a `.pt` file). `model_args` (a JSON file or a
+    folder holding `model_args.json`) and `tokenizer` override what is found beside the weights.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        args_file = _args_file(model_args, path)
+        model = _empty_model(read_model_args(args_file), device)
+        with warnings.catch_warnings():  # one process loading on purpose
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
+    elif path.is_dir() and (path / CONFIG_JSON).is_file():
+        args_file = path / CONFIG_JSON
+        args = args_from_hf_config(json.loads(args_file.read_text()), args_file)
+        model = _empty_model(args, device)
+        _fill(model, _read_hf_tensors(path, args), path)
+    elif path.is_file():
+        args_file = _args_file(model_args, path.parent)
+        model = _empty_model(read_model_args(args_file), device)
+        _fill(model, load_torch_weights(path), path)
+    else:
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint (expected a DCP folder with .metadata, a Hugging Face "
+            "folder with config.json + model.safetensors, or a .pt weights file)"
+        )
+    model.to(dtype=dtype).eval()
+    # Buffers aren't saved; the model's own forward gets the same table the cache forward uses.
+    model.rope_cache = rope_table(model.args, model.args.max_seq_len).to(device)
+    tokenizer_file = Path(tokenizer) if tokenizer else args_file.parent / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"{tokenizer_file}: missing tokenizer (pass --tokenizer PATH)")
+    return LoadedModel(model, Tokenizer(tokenizer_file), path)
+
+
+def _args_file(model_args: Path | None, default_dir: Path) -> Path:
+    """`model_args.json` in `default_dir`, or the given JSON file or folder holding one."""
+    given = Path(model_args) if model_args is not None else default_dir
+    return given / MODEL_ARGS_FILE if given.is_dir() else given
+
+
+def _empty_model(args: ArborArgs, device: torch.device | str) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return model.to_empty(device=device)
+
+
+def _fill(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+    check_shapes({name: t.shape for name, t in state.items()}, model.args, source)
+    model.load_state_dict(state)

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Generate text from a checkpoint: the continuation streams to stdout as it is produced, the
+prefill and decode speeds go to stderr.
+
+    python scripts/generate.py --prompt "def fibonacci(n):" --max-new-tokens 100
+    python scripts/generate.py --checkpoint outputs/debug/checkpoints/step-200 \\
+        --prompt-file prompts.txt --batch --temperature 0
+
+With several prompts (repeated --prompt, or --batch with one prompt per line of the file) they
+decode together in one batch and each is printed whole when it finishes. Each prompt samples
+with the same --seed, so it gives the same text as when run alone.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from plugins.inference.cli import add_model_arguments, load_from_args
+from plugins.inference.engine import Engine, Request, create_engine
+from plugins.inference.loading import LOAD_ERRORS
+from plugins.inference.sampling import SamplingParams
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
+    parser.add_argument(
+        "--batch", action="store_true", help="each non-empty line of --prompt-file is a prompt"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=200, help="0 keeps every token")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.prompt_file:
+        parser.error("give --prompt or --prompt-file")
+    if args.batch and not args.prompt_file:
+        parser.error("--batch reads its prompts from --prompt-file")
+    return args
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        text = args.prompt_file.read_text()
+        prompts += [line for line in text.splitlines() if line.strip()] if args.batch else [text]
+    return prompts
+
+
+def run(engine: Engine, prompts: list[str], params: SamplingParams) -> list[Request]:
+    """Generate all prompts in one batch, printing text as it becomes final."""
+    out = sys.stdout
+    if len(prompts) == 1:
+        out.write(prompts[0])
+
+        def on_update(request: Request, delta: str) -> None:
+            out.write(delta)
+            out.flush()
+            if request.finish_reason is not None:
+                out.write("\n")
+
+    else:
+
+        def on_update(request: Request, delta: str) -> None:
+            if request.finish_reason is not None:
+                i = requests.index(request)
+                out.write(f"--- [{i}] ({request.finish_reason}) ---\n{prompts[i]}{request.text}\n")
+                out.flush()
+
+    requests = [engine.submit(p, params, on_update) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    try:
+        params.validate()
+        loaded = load_from_args(args)
+    except LOAD_ERRORS as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
+    tokenizer = loaded.tokenizer
+    longest = max(len(tokenizer.encode(p)) + 1 for p in prompts)  # +1: the BOS
+    max_len = longest + args.max_new_tokens
+    if max_len > loaded.args.max_seq_len:
+        print(
+            f"note: {max_len} positions exceed the model's training length "
+            f"{loaded.args.max_seq_len}; RoPE is extended to cover them",
+            file=sys.stderr,
+        )
+    engine = create_engine(loaded.model, tokenizer, len(prompts), max_len, args.compile)
+    if args.compile:
+        print(f"compile: {engine.stats.compile_s:.1f}s (decode step)", file=sys.stderr)
+    run(engine, prompts, params)
+    stats = engine.stats
+    print(
+        f"prefill: {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:,.1f} tokens/s; "
+        f"decode: {stats.decode_tokens} tokens in {stats.decode_steps} steps at "
+        f"{stats.decode_tokens_per_s:,.1f} tokens/s (batch {len(prompts)}, {args.dtype}, "
+        f"{args.device})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Every parallelism, alone and composed, trains with the same per-step losses as one process.
+
+All runs start from the same seed weights (a single-process checkpoint loaded through
+`checkpoint.initial_load_path`) and see the same global batch of 4 sequences per step.
+"""
+
+import shutil
+
+import pytest
+
+from tests.conftest import losses, run_training
+
+STEPS = 3
+COMMON = [f"--training.steps={STEPS}", "--checkpoint.interval=1000"]
+PP = "--parallelism.pipeline_parallel_degree=2"
+
+
+@pytest.fixture(scope="module")
+def seed_weights(dump_folder) -> str:
+    """Weights after one single-process step: a non-trivial starting point for every layout."""
+    run_training(
+        dump_folder,
+        "parity_seed",
+        "--training.steps=1",
+        "--checkpoint.interval=1",
+        "--lr_scheduler.warmup_steps=1",
+    )
+    return str(dump_folder / "parity_seed" / "checkpoints" / "step-1")
+
+
+@pytest.fixture(scope="module")
+def reference(dump_folder, seed_weights) -> dict[int, float]:
+    run_training(
+        dump_folder, "parity_single", *COMMON, f"--checkpoint.initial_load_path={seed_weights}"
+    )
+    return losses(dump_folder, "parity_single")
+
+
+LAYOUTS = {
+    "fsdp2": (2, ["--training.local_batch_size=2"]),
+    "hsdp_2x2": (
+        4,
+        ["--training.local_batch_size=1", "--parallelism.data_parallel_replicate_degree=2"],
+    ),
+    "tp_sp_loss_parallel": (2, ["--parallelism.tensor_parallel_degree=2"]),
+    "fsdp_x_tp": (4, ["--training.local_batch_size=2", "--parallelism.tensor_parallel_degree=2"]),
+    "pp_gpipe": (2, [PP, "--parallelism.pipeline_parallel_schedule=GPipe"]),
+    "pp_1f1b": (2, [PP, "--parallelism.pipeline_parallel_schedule=1F1B"]),
+    "pp_interleaved": (2, [PP, "--parallelism.pipeline_parallel_schedule=Interleaved1F1B"]),
+    "pp_zero_bubble_v": (2, [PP, "--parallelism.pipeline_parallel_schedule=ZBVZeroBubble"]),
+    "pp_x_fsdp_x_tp": (
+        8,
+        [PP, "--training.local_batch_size=2", "--parallelism.tensor_parallel_degree=2"],
+    ),
+    "fsdp_full_ac": (2, ["--training.local_batch_size=2", "--activation_checkpoint.mode=full"]),
+    "fsdp_selective_ac_layers": (
+        2,
+        [
+            "--training.local_batch_size=2",
+            "--activation_checkpoint.mode=selective",
+            "--activation_checkpoint.selective_ac_option=2",
+        ],
+    ),
+    "fsdp_selective_ac_ops": (
+        2,
+        [
+            "--training.local_batch_size=2",
+            "--activation_checkpoint.mode=selective",
+            "--activation_checkpoint.selective_ac_option=op",
+        ],
+    ),
+    "fsdp_compile": (2, ["--training.local_batch_size=2", "--compile.enable=true"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_losses_match_one_process(dump_folder, seed_weights, reference, layout):
+    nproc, overrides = LAYOUTS[layout]
+    job = f"parity_{layout}"
+    run_training(
+        dump_folder,
+        job,
+        *COMMON,
+        f"--checkpoint.initial_load_path={seed_weights}",
+        *overrides,
+        nproc=nproc,
+        timeout=600,
+    )
+    got = losses(dump_folder, job)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], abs=1e-5), (step, got, reference)
+
+
+@pytest.mark.parametrize(
+    ("layout", "nproc", "overrides"),
+    [
+        ("tp2", 2, ["--parallelism.tensor_parallel_degree=2", "--training.local_batch_size=4"]),
+        ("pp2", 2, [PP, "--training.local_batch_size=4"]),
+        ("single", 1, ["--training.local_batch_size=4"]),
+    ],
+)
+def test_fsdp_checkpoint_resumes_under_other_layouts(
+    dump_folder, seed_weights, layout, nproc, overrides, fsdp_saved
+):
+    job = f"reshard_{layout}"
+    shutil.rmtree(dump_folder / job, ignore_errors=True)
+    shutil.copytree(dump_folder / "reshard_fsdp", dump_folder / job)
+    (dump_folder / job / "metrics.jsonl").unlink()
+    run_training(
+        dump_folder,
+        job,
+        "--training.steps=4",
+        "--checkpoint.load_step=2",
+        "--checkpoint.interval=1000",
+        *overrides,
+        nproc=nproc,
+    )
+    got, saved = losses(dump_folder, job), losses(dump_folder, "reshard_fsdp")
+    assert sorted(got) == [3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(saved[step], abs=1e-5), (step, got, saved)
+
+
+@pytest.fixture(scope="module")
+def fsdp_saved(dump_folder, seed_weights) -> None:
+    run_training(
+        dump_folder,
+        "reshard_fsdp",
+        "--training.steps=4",
+        "--checkpoint.interval=2",
+        f"--checkpoint.initial_load_path={seed_weights}",
+        "--training.local_batch_size=2",
+        nproc=2,
+    )

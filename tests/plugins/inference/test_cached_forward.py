@@ -1,0 +1,101 @@
+"""The KV-cache forward equals the model's own cache-free forward, step by step and per slot."""
+
+import types
+
+import pytest
+import torch
+
+from arbor_titan import registry
+from arbor_titan.models.arbor.model import rope_cos_sin
+from plugins.inference.decoder import ArborCachedForward
+from plugins.inference.rope import rope_table
+from tests.plugins.inference.tiny import random_model, tiny_args
+
+TOL = 1e-4  # fp32; measured differences are ~1e-6
+
+
+def reference_logits(model, tokens_s):
+    with torch.no_grad():
+        return model(tokens_s[None])[0, -1]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "tie_embeddings": True}],
+    ids=["gqa", "mha", "mqa-tied"],
+)
+def test_prefill_then_decode_matches_full_forward_at_every_step(changes):
+    model = random_model(tiny_args(**changes))
+    forward = ArborCachedForward(model, slots=1, max_len=40)
+    tokens = torch.randint(
+        0, model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        logits = forward.prefill(tokens[:7], slot=0)
+        assert (logits - reference_logits(model, tokens[:7])).abs().max() < TOL
+        for pos in range(7, 40):
+            logits = forward.decode(tokens[pos : pos + 1], torch.tensor([pos]))[0]
+            assert (logits - reference_logits(model, tokens[: pos + 1])).abs().max() < TOL, pos
+
+
+def test_slots_at_different_positions_decode_independently(tiny_model):
+    """Three sequences of different lengths share one decode call; each sees only its own keys."""
+    forward = ArborCachedForward(tiny_model, slots=3, max_len=32)
+    tokens = torch.randint(
+        0, tiny_model.args.vocab_size, (3, 32), generator=torch.Generator().manual_seed(2)
+    )
+    lengths = torch.tensor([3, 11, 1])
+    with torch.no_grad():
+        for slot, length in enumerate(lengths.tolist()):
+            forward.prefill(tokens[slot, :length], slot)
+        for _ in range(12):
+            logits = forward.decode(tokens[torch.arange(3), lengths], lengths)
+            for slot in range(3):
+                expected = reference_logits(tiny_model, tokens[slot, : lengths[slot] + 1])
+                assert (logits[slot] - expected).abs().max() < TOL
+            lengths += 1
+
+
+def test_a_reused_slot_forgets_its_previous_sequence(tiny_model):
+    forward = ArborCachedForward(tiny_model, slots=1, max_len=16)
+    long, short = torch.arange(10, 22), torch.arange(30, 33)
+    with torch.no_grad():
+        forward.prefill(long, 0)
+        forward.prefill(short, 0)
+        logits = forward.decode(torch.tensor([40]), torch.tensor([3]))[0]
+    expected = reference_logits(tiny_model, torch.tensor([30, 31, 32, 40]))
+    assert (logits - expected).abs().max() < TOL
+
+
+def test_rope_table_extends_past_the_training_length():
+    args = tiny_args(max_seq_len=16)
+    table = rope_table(args, 100)
+    assert table.shape == (2, 100, args.head_dim)
+    assert torch.equal(table[:, :16], rope_cos_sin(args.head_dim, 16, args.rope_theta))
+    model = random_model(args)
+    forward = ArborCachedForward(model, slots=1, max_len=100)
+    with torch.no_grad():
+        forward.prefill(torch.arange(1, 60), 0)
+        logits = forward.decode(torch.tensor([5]), torch.tensor([59]))
+    assert torch.isfinite(logits).all()
+
+
+def test_rope_scaling_settings_call_the_registered_plugin():
+    calls = []
+
+    @registry.register("rope_scaling", "test_halved_positions")
+    def halved(args, length, settings):
+        calls.append(settings)
+        return rope_cos_sin(args.head_dim, 2 * length, args.rope_theta)[:, ::2]
+
+    args = types.SimpleNamespace(
+        head_dim=8, rope_theta=10000.0, rope_scaling={"type": "test_halved_positions", "f": 2}
+    )
+    table = rope_table(args, 10)
+    assert calls == [{"type": "test_halved_positions", "f": 2}]
+    assert torch.equal(table[:, 3], rope_cos_sin(8, 20, 10000.0)[:, 6])
+    args.rope_scaling = {"rope_type": "default"}
+    assert torch.equal(rope_table(args, 10), rope_cos_sin(8, 10, 10000.0))
+    args.rope_scaling = {"type": "no_such_scaling"}
+    with pytest.raises(registry.PluginError, match="no_such_scaling"):
+        rope_table(args, 10)
