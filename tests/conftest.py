@@ -67,9 +67,8 @@ def run_training(
         command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and result.returncode != 0:
-        raise AssertionError(
-            f"training failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-        )
+        output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        raise AssertionError(f"training failed ({result.returncode}):\n{output}")
     return result
 
 

@@ -17,6 +17,7 @@ that DCP itself unpickles a folder's `.metadata` without restriction (torch 2.13
 folder must come from someone you trust, like any training checkpoint.
 """
 
+import io
 import json
 import os
 import shutil
@@ -30,7 +31,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem
 
 from arbor_titan.checkpoint.folders import find_damage
 from arbor_titan.checkpoint.manager import CONFIG_FILE, MODEL_ARGS_FILE, TOKENIZER_FILE
@@ -133,7 +135,7 @@ class _MetadataOnceReader(FileSystemReader):
         super().__init__(path)
         self._metadata = None
 
-    def read_metadata(self, *args: Any, **kwargs: Any):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if self._metadata is None:
             self._metadata = super().read_metadata(*args, **kwargs)
         return self._metadata
@@ -196,7 +198,7 @@ class _ReportingSavePlanner(DefaultSavePlanner):
         super().__init__()
         self._progress = progress
 
-    def resolve_data(self, write_item):
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
         data = super().resolve_data(write_item)
         self._progress(write_item.index.fqn.removeprefix(MODEL_PREFIX), data)
         return data

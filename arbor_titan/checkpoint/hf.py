@@ -60,6 +60,8 @@ _LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+_FROM_HF_TOP = {hf: ours for ours, hf in _TOP_NAMES.items()}
+_FROM_HF_LAYER = {hf: ours for ours, hf in _LAYER_NAMES.items()}
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 # Older transformers saved RoPE's inverse frequencies; they follow from config.json.
@@ -82,16 +84,14 @@ def to_hf_name(name: str) -> str | None:
 
 def from_hf_name(name: str) -> str | None:
     """The inverse of `to_hf_name`; None for a name that isn't part of a Llama."""
-    top = {hf: ours for ours, hf in _TOP_NAMES.items()}
-    layer = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-    return _rename(name, top, layer, _HF_LAYER, "layers.")
+    return _rename(name, _FROM_HF_TOP, _FROM_HF_LAYER, _HF_LAYER, "layers.")
 
 
 # -- config.json
 
 
 def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict:
-    """A LlamaConfig's fields for `args`, readable by transformers v4 and v5."""
+    """LlamaConfig's fields for `args`; bos/eos ids come from the tokenizer when there is one."""
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -102,7 +102,7 @@ def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> di
         "num_key_value_heads": args.n_kv_heads,
         "head_dim": args.head_dim,
         "rms_norm_eps": args.norm_eps,
-        # v4 reads rope_theta/rope_scaling; v5 reads rope_parameters.
+        # transformers v5 reads rope_parameters; earlier versions read rope_theta/rope_scaling.
         "rope_theta": args.rope_theta,
         "rope_scaling": None,
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},

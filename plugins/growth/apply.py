@@ -81,6 +81,10 @@ class Growth:
     def new_args(self) -> ArborArgs:
         return self.ctx.new_args
 
+    def param_names(self) -> list[str]:
+        """The parameters of the model being grown, in the model's order."""
+        return list(self._old_shapes)
+
     # -- one tensor
 
     def grow_param(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 
 transformers = pytest.importorskip("transformers")
+# The helpers below save and load in one process on purpose; DCP warns about that every time.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "convert_checkpoint.py"

@@ -4,7 +4,9 @@ The embedding and the residual writers (wo, w2) get zero new columns/rows, so th
 dimensions stay zero; readers (wq, wk, wv, w1, w3, output) get random new columns. Zero padding
 divides every RMSNorm's mean(h^2) by D'/d, so the gains are rescaled by sqrt(d/D') and eps by
 d/D' (GROWTH.md rule 3); without that the logits move by O(1). The rescaled gains' gradients
-grow by sqrt(D'/d), and their moments with them. Heads and head_dim are unchanged, so this needs
+grow by sqrt(D'/d), and their moments with them. A tied output projection is untied, since as
+a reader its new columns must be random while the embedding's must be zero (rules 1 and 2); the
+untied output is a new tensor (zero moments, step 0). Heads and head_dim are unchanged, so this needs
 model args with an explicit head_dim.
 """
 
@@ -46,7 +48,13 @@ class WidenHidden(GrowthOperator):
         if params.dim <= args.dim:
             raise ParamError("dim", f"must exceed the current dim {args.dim}, got {params.dim}")
         ratio = args.dim / params.dim if params.rescale_norms else 1.0
-        return replace_args(args, "widen_hidden", dim=params.dim, norm_eps=args.norm_eps * ratio)
+        return replace_args(
+            args,
+            "widen_hidden",
+            dim=params.dim,
+            norm_eps=args.norm_eps * ratio,
+            tie_embeddings=False,
+        )
 
     def grow(
         self, name: str, tensor: torch.Tensor, values: Values, ctx: GrowthContext
@@ -54,7 +62,11 @@ class WidenHidden(GrowthOperator):
         added = ctx.new_args.dim - ctx.args.dim
         if name == EMBEDDING:  # the first writer of the residual stream
             new = values.fresh((tensor.shape[0], added), tensor, WRITE)
-            return {name: torch.cat([values.old(tensor), new], dim=1)}
+            grown = {name: torch.cat([values.old(tensor), new], dim=1)}
+            if ctx.args.tie_embeddings:  # untied: the output reads the new dims at random
+                new = values.fresh((tensor.shape[0], added), tensor, READ)
+                grown[OUTPUT] = torch.cat([values.copy(tensor), new], dim=1)
+            return grown
         role = _role(name)
         if role == READ:
             new = values.fresh((tensor.shape[0], added), tensor, READ)

@@ -41,6 +41,8 @@ def random_model(args: ArborArgs, dtype: torch.dtype = torch.float64, seed: int 
                 param.mul_(1 + 0.2 * torch.randn_like(param))
             elif name.endswith(("wo.weight", "w2.weight")):
                 param.normal_(0, 0.05)  # writers well away from their small init
+            elif name == "output.weight" or (args.tie_embeddings and "embed" in name):
+                param.normal_(0, 0.3)  # logits of a few units, as in a trained model
     return model.to(dtype)
 
 

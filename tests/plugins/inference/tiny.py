@@ -14,10 +14,10 @@ from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.models.arbor.args import ArborArgs, args_to_dict
 from arbor_titan.models.arbor.model import Transformer
 
-# A few stdlib modules are plenty of text for a 300-piece vocabulary (256 bytes + specials +
-# ~40 merges), and train in well under a second.
+# A few stdlib modules are plenty of text for a 384-piece vocabulary (256 bytes + 3 specials +
+# ~90 characters + ~35 merges), and train in well under a second.
 _CORPUS_FILES = ("string.py", "textwrap.py", "fnmatch.py")
-VOCAB_SIZE = 300
+VOCAB_SIZE = 384
 
 
 def train_tokenizer(path: Path) -> Path:
