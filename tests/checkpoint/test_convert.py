@@ -30,7 +30,13 @@ from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers
+except ImportError:  # the round trips and CLI tests still run
+    transformers = None
+needs_transformers = pytest.mark.skipif(
+    transformers is None, reason="needs transformers (pip install -e .[dev])"
+)
 # The helpers below save and load in one process on purpose; DCP warns about that every time.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -156,6 +162,7 @@ def hf_logits(folder: Path, attn: str) -> torch.Tensor:
         return hf(TOKENS).logits
 
 
+@needs_transformers
 @pytest.mark.parametrize(
     "variant, attn", [("untied", "sdpa"), ("untied", "eager"), ("tied", "sdpa")]
 )
@@ -169,6 +176,7 @@ def test_transformers_reads_export_with_equal_logits(checkpoints, tmp_path, vari
     torch.testing.assert_close(hf_logits(tmp_path / "hf", attn), ours, atol=1e-5, rtol=0)
 
 
+@needs_transformers
 def test_export_config_and_tokenizer(checkpoints, tmp_path, tokenizer):
     _, src = checkpoints["untied"]
     dcp_to_hf(src, tmp_path / "hf", dtype=torch.bfloat16)
@@ -182,6 +190,7 @@ def test_export_config_and_tokenizer(checkpoints, tmp_path, tokenizer):
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
 
 
+@needs_transformers
 @pytest.mark.parametrize("tie", [False, True])
 def test_transformers_model_imports_with_equal_logits(tmp_path, tie):
     config = transformers.LlamaConfig(

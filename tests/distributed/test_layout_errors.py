@@ -69,8 +69,12 @@ def test_trainer_reports_a_layout_error_cleanly(dump_folder):
 
 def test_pipeline_microbatches_must_divide_the_batch(dump_folder):
     result = run_training(
-        dump_folder, "bad_microbatches", "--parallelism.pipeline_parallel_degree=2",
-        "--parallelism.pipeline_parallel_microbatches=3", nproc=2, check=False,
+        dump_folder,
+        "bad_microbatches",
+        "--parallelism.pipeline_parallel_degree=2",
+        "--parallelism.pipeline_parallel_microbatches=3",
+        nproc=2,
+        check=False,
     )
     assert result.returncode != 0
     assert "pipeline_parallel_microbatches=3" in result.stdout + result.stderr

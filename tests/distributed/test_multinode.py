@@ -20,13 +20,29 @@ def test_two_nodes_match_one_node(dump_folder):
     run_training(dump_folder, "one_node", *FOUR_RANKS, nproc=4)
     endpoint = f"127.0.0.1:{free_port()}"
     args = [
-        str(REPO / "run_train.sh"), str(REPO / "train_configs/debug_model.toml"),
-        f"--job.dump_folder={dump_folder}", "--job.name=two_nodes", *FAST_TRAINING, *FOUR_RANKS,
+        str(REPO / "run_train.sh"),
+        str(REPO / "train_configs/debug_model.toml"),
+        f"--job.dump_folder={dump_folder}",
+        "--job.name=two_nodes",
+        *FAST_TRAINING,
+        *FOUR_RANKS,
     ]
-    env = {**os.environ, "NGPU": "2", "NNODES": "2", "RDZV_ENDPOINT": endpoint, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "NGPU": "2",
+        "NNODES": "2",
+        "RDZV_ENDPOINT": endpoint,
+        "OMP_NUM_THREADS": "1",
+    }
     nodes = [
-        subprocess.Popen(args, cwd=REPO, env={**env, "NODE_RANK": str(rank)},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            args,
+            cwd=REPO,
+            env={**env, "NODE_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in (0, 1)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
