@@ -53,7 +53,7 @@ class Growth:
         new_args.validate()
         self.ctx = GrowthContext(args=args, new_args=new_args, params=params)
         self._old_shapes = param_shapes(args)
-        self._new_shapes = self._check_shapes()
+        self._outputs = self._plan_outputs()
 
     @classmethod
     def create(
@@ -168,21 +168,23 @@ class Growth:
             raise GrowthError(f"{name!r} is not a parameter of the model being grown")
         return self._old_shapes[name]
 
-    def _check_shapes(self) -> dict[str, torch.Size]:
-        self._outputs: dict[str, dict[str, torch.Size]] = {}
+    def _plan_outputs(self) -> dict[str, dict[str, torch.Size]]:
+        """Each parameter's grown names and shapes, from the operator run on meta tensors, checked
+        against a model built from `new_args`."""
+        outputs: dict[str, dict[str, torch.Size]] = {}
         made: dict[str, torch.Size] = {}
         for name, shape in self._old_shapes.items():
             meta = torch.empty(shape, device="meta")
-            outputs = self.op.grow(name, meta, WeightValues(self.seed, name), self.ctx)
-            self._outputs[name] = {k: v.shape for k, v in outputs.items()}
-            for new_name, new_shape in self._outputs[name].items():
+            grown = self.op.grow(name, meta, WeightValues(self.seed, name), self.ctx)
+            outputs[name] = {new_name: t.shape for new_name, t in grown.items()}
+            for new_name, new_shape in outputs[name].items():
                 if new_name in made:
                     raise GrowthError(f"{self.name}: makes {new_name!r} twice")
                 made[new_name] = new_shape
         expected = param_shapes(self.new_args)
         if made != expected:
             raise GrowthError(f"{self.name}: {_shape_mismatch(made, expected)}")
-        return made
+        return outputs
 
 
 def _shape_mismatch(made: dict[str, torch.Size], expected: dict[str, torch.Size]) -> str:

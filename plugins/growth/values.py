@@ -80,7 +80,7 @@ class WeightValues(Values):
         if like.is_meta:
             return torch.empty_like(like)
         groups = groups.cpu()
-        z = torch.randn(like.shape, generator=self.generator, dtype=torch.float64)
+        z = torch.randn(like.shape, generator=self.generator, dtype=_work_dtype(like))
         n_groups = int(groups.max()) + 1
         sums = z.new_zeros((*like.shape[:-1], n_groups)).index_add_(-1, groups, z)
         counts = torch.bincount(groups, minlength=n_groups).to(z.dtype)
@@ -95,7 +95,7 @@ class WeightValues(Values):
     def _randn(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         if like.is_meta:
             return torch.empty(shape, dtype=like.dtype, device="meta")
-        z = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+        z = torch.randn(shape, generator=self.generator, dtype=_work_dtype(like))
         return z.to(like.device, like.dtype)
 
 
@@ -134,8 +134,14 @@ class AgeValues(Values):
         return torch.zeros_like(like)
 
 
+def _work_dtype(like: torch.Tensor) -> torch.dtype:
+    """Random numbers are drawn on the CPU (one generator for every device) in float32, or in
+    float64 for float64 tensors so that zero-sum noise cancels to float64 rounding."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
 def _std(like: torch.Tensor) -> float:
     if like.is_meta or like.numel() < 2:
         return FALLBACK_STD
-    std = float(like.double().std())
+    std = float(like.to(_work_dtype(like)).std())
     return std if std > 0 and math.isfinite(std) else FALLBACK_STD

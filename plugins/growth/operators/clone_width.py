@@ -3,7 +3,8 @@
 The residual stream becomes [h, ..., h]; every reader is tiled and divided by the number of
 input copies, every gain and the embedding are tiled (GROWTH.md). Query heads become
 h0..h(H-1), h0..., which keeps GQA consistent. A tied output projection is untied (rule 5): it
-must be divided by n while the embedding must not.
+must be divided by n while the embedding must not. Both untied matrices restart their optimizer
+state (zero moments, step 0): the tied moments mix the two uses' gradients and can't be split.
 
 Symmetry breaking: each matrix that reads cloned inputs gets noise that sums to zero over the
 copies of each input column, so the forward pass is unchanged (up to rounding) while the
@@ -80,12 +81,12 @@ class CloneWidth(GrowthOperator):
         parsed = split_layer_name(name)
         suffix = parsed[1] if parsed else name
         if name == EMBEDDING:
-            tiled = tensor.tile(1, n)
-            grown = {name: values.scaled(tiled, weight_scale=1.0, grad_scale=1 / n)}
-            if ctx.args.tie_embeddings:
-                output = values.copy(values.scaled(tiled, weight_scale=1 / n, grad_scale=1.0))
-                grown[OUTPUT] = self._noisy(output, values, ctx, n)
-            return grown
+            embedding = values.scaled(tensor.tile(1, n), weight_scale=1.0, grad_scale=1 / n)
+            if not ctx.args.tie_embeddings:
+                return {name: embedding}
+            # Untied: the tied moments mix both uses' gradients, so both restart from zero.
+            output = values.copy(values.scaled(tensor.tile(1, n), 1 / n, 1.0))
+            return {name: values.copy(embedding), OUTPUT: self._noisy(output, values, ctx, n)}
         if suffix.endswith("norm.weight"):
             return {name: values.scaled(tensor.tile(n), weight_scale=1.0, grad_scale=1 / n)}
         if suffix in QKV:

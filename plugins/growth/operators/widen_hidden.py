@@ -4,10 +4,10 @@ The embedding and the residual writers (wo, w2) get zero new columns/rows, so th
 dimensions stay zero; readers (wq, wk, wv, w1, w3, output) get random new columns. Zero padding
 divides every RMSNorm's mean(h^2) by D'/d, so the gains are rescaled by sqrt(d/D') and eps by
 d/D' (GROWTH.md rule 3); without that the logits move by O(1). The rescaled gains' gradients
-grow by sqrt(D'/d), and their moments with them. A tied output projection is untied, since as
-a reader its new columns must be random while the embedding's must be zero (rules 1 and 2); the
-untied output is a new tensor (zero moments, step 0). Heads and head_dim are unchanged, so this needs
-model args with an explicit head_dim.
+grow by sqrt(D'/d), and their moments with them. A tied output projection is untied: as a reader
+its new columns must be random while the embedding's must be zero (rules 1 and 2); both untied
+matrices restart their optimizer state, since the tied moments mix both uses' gradients. Heads
+and head_dim are unchanged, so this needs model args with an explicit head_dim.
 """
 
 import math
@@ -61,12 +61,15 @@ class WidenHidden(GrowthOperator):
     ) -> dict[str, torch.Tensor]:
         added = ctx.new_args.dim - ctx.args.dim
         if name == EMBEDDING:  # the first writer of the residual stream
-            new = values.fresh((tensor.shape[0], added), tensor, WRITE)
-            grown = {name: torch.cat([values.old(tensor), new], dim=1)}
-            if ctx.args.tie_embeddings:  # untied: the output reads the new dims at random
-                new = values.fresh((tensor.shape[0], added), tensor, READ)
-                grown[OUTPUT] = torch.cat([values.copy(tensor), new], dim=1)
-            return grown
+            zeros = values.fresh((tensor.shape[0], added), tensor, WRITE)
+            if not ctx.args.tie_embeddings:
+                return {name: torch.cat([values.old(tensor), zeros], dim=1)}
+            # Untied: the output reads the new dims at random; both restart their moments.
+            random = values.fresh((tensor.shape[0], added), tensor, READ)
+            return {
+                name: torch.cat([values.copy(tensor), zeros], dim=1),
+                OUTPUT: torch.cat([values.copy(tensor), random], dim=1),
+            }
         role = _role(name)
         if role == READ:
             new = values.fresh((tensor.shape[0], added), tensor, READ)

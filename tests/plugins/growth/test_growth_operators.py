@@ -126,3 +126,27 @@ def test_new_entries_get_gradients_and_train(op, params, args):
     for name, mask in masks.items():
         changed = params_by_name[name].detach().ne(before[name])[mask]
         assert changed.all(), f"{name}: {int((~changed).sum())} new entries never moved"
+
+
+@pytest.mark.parametrize("noise", [True, False], ids=["noise", "no-noise"])
+@pytest.mark.parametrize(
+    ("op", "params", "name", "rows"),
+    [
+        ("clone_width", {}, "layers.0.attention.wq.weight", 32),  # 4 heads x 8 per copy
+        ("clone_width", {}, "layers.1.feed_forward.w1.weight", 48),
+        ("widen_ffn", {"ffn_dim": 96, "mode": "split"}, "layers.0.feed_forward.w1.weight", 48),
+    ],
+)
+def test_noise_breaks_the_copies_symmetry(op, params, name, rows, noise):
+    """With noise the copies' first updates differ; without it they stay identical, which is
+    why the noise is on by default (the logits are unchanged either way, tested above)."""
+    _, grown = grow(random_model(TINY), op, {**params, "noise": noise})
+    param = dict(grown.named_parameters())[name]
+    before = param.detach().clone()
+    optimizer = torch.optim.AdamW(grown.parameters(), lr=1e-2, weight_decay=0.0)
+    train_loss(grown, batch(TINY.vocab_size)).backward()
+    optimizer.step()
+    update = param.detach() - before
+    first, second = update[:rows], update[rows : 2 * rows]
+    relative = float((first - second).abs().max() / first.abs().max())
+    assert relative > 1e-3 if noise else relative < 1e-9

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Serve a checkpoint over an OpenAI-compatible HTTP API (completions and chat, streaming or not).
+
+    python scripts/serve.py --checkpoint outputs/debug/checkpoints/step-200 --port 8000
+    curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "def main(", "max_tokens": 32, "temperature": 0}'
+
+Binds 127.0.0.1 unless --host says otherwise; with --api-key, the /v1/ endpoints need
+`Authorization: Bearer KEY`. Needs the `serve` extra: pip install -e '.[serve]'.
+"""
+
+import argparse
+import logging
+import sys
+
+from plugins.inference.cli import add_model_arguments, load_from_args
+from plugins.inference.engine import create_engine
+from plugins.inference.loading import LOAD_ERRORS
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/")
+    parser.add_argument("--model-name", help="the id clients send as 'model' (default: arbor)")
+    parser.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        help="tokens per sequence, prompt + completion (default: the model's training length)",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from plugins.inference.server import ServerConfig, create_app
+        from plugins.inference.service import EngineLoop
+    except ImportError as err:
+        print(f"serve.py: error: {err}; install with: pip install -e '.[serve]'", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_from_args(args)
+    except LOAD_ERRORS as err:
+        print(f"serve.py: error: {err}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    max_len = args.max_len or loaded.args.max_seq_len
+    engine = create_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
+    if args.compile:
+        logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
+    loop = EngineLoop(engine).start()
+    cfg = ServerConfig(model_name=args.model_name or "arbor", api_key=args.api_key)
+    logging.info(
+        "serving %s as %r on http://%s:%d (batch %d, context %d tokens)",
+        loaded.source,
+        cfg.model_name,
+        args.host,
+        args.port,
+        args.max_batch,
+        max_len,
+    )
+    try:
+        uvicorn.run(create_app(loop, cfg), host=args.host, port=args.port, log_level="warning")
+    finally:
+        loop.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

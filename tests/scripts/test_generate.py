@@ -1,0 +1,100 @@
+"""scripts/generate.py: streams the engine's text, reports speeds, finds the newest checkpoint,
+and loads a checkpoint saved by a 4-process FSDP x TP training run."""
+
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plugins.inference.engine import create_engine
+from plugins.inference.loading import load_model
+from plugins.inference.sampling import SamplingParams
+from tests.conftest import REPO, run_training
+from tests.plugins.inference.tiny import (
+    random_model,
+    save_dcp_checkpoint,
+    tiny_args,
+    train_tokenizer,
+)
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = load_script("generate")
+
+GREEDY = ["--temperature=0", "--max-new-tokens=12"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gen")
+    tokenizer = train_tokenizer(root / "tokenizer.model")
+    return save_dcp_checkpoint(random_model(tiny_args()), root / "step-3", tokenizer)
+
+
+@functools.cache
+def engine_text(checkpoint: Path, prompt: str, max_new_tokens: int = 12) -> str:
+    loaded = load_model(checkpoint)
+    engine = create_engine(loaded.model, loaded.tokenizer, slots=1, max_len=64)
+    return engine.generate([prompt], SamplingParams(max_new_tokens=max_new_tokens))[0].text
+
+
+def test_streams_the_continuation_and_reports_speeds(checkpoint, capsys):
+    prompt = "def f(x):"
+    assert generate.main(["--checkpoint", str(checkpoint), "--prompt", prompt, *GREEDY]) == 0
+    out, err = capsys.readouterr()
+    assert out == prompt + engine_text(checkpoint, prompt) + "\n"
+    assert "prefill: " in err and "tokens/s" in err and "decode: 11 tokens in 11 steps" in err
+
+
+def test_batch_file_prints_each_prompt_with_its_own_completion(checkpoint, tmp_path, capsys):
+    prompts = ["import os", "", "class A:", "x = 1"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    argv = ["--checkpoint", str(checkpoint), "--prompt-file", str(tmp_path / "prompts.txt")]
+    assert generate.main([*argv, "--batch", *GREEDY]) == 0
+    out, err = capsys.readouterr()
+    for i, prompt in enumerate(p for p in prompts if p):
+        assert f"--- [{i}] (length) ---\n{prompt}{engine_text(checkpoint, prompt)}\n" in out
+    assert "batch 3" in err
+
+
+def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert generate.main(["--prompt", "x"]) == 2
+    assert "no checkpoint in outputs/debug/checkpoints" in capsys.readouterr().err
+    (tmp_path / "outputs/debug/checkpoints").mkdir(parents=True)
+    assert generate.main(["--prompt", "x"]) == 2
+    assert "./run_train.sh" in capsys.readouterr().err
+
+
+def test_loads_a_checkpoint_saved_by_fsdp_x_tp_training(dump_folder):
+    # One 4-process run (data_parallel_shard 2 x tensor_parallel 2) covers both shardings in
+    # ~20 s; the DCP weights are DTensors sharded on both mesh dimensions.
+    run_training(
+        dump_folder,
+        "inference_fsdp_tp",
+        "--training.steps=2",
+        "--checkpoint.interval=2",
+        "--parallelism.data_parallel_shard_degree=2",
+        "--parallelism.tensor_parallel_degree=2",
+        "--training.local_batch_size=2",
+        nproc=4,
+    )
+    folder = dump_folder / "inference_fsdp_tp" / "checkpoints" / "step-2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "scripts/generate.py"), "--checkpoint", str(folder)]
+    command += ["--prompt", "def main(", *GREEDY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "def main(" + engine_text(folder, "def main(") + "\n"
+    assert "decode: " in result.stderr
