@@ -2,7 +2,7 @@
 # Train from a TOML config: ./run_train.sh [CONFIG.toml] [--section.key=value ...]
 #
 # Environment: NGPU (processes per node, default 1), NNODES (default 1), NODE_RANK,
-# RDZV_ENDPOINT (host:port of node 0, for several nodes), LOG_RANK (whose output is shown,
+# RDZV_ENDPOINT (host:port of node 0, for several nodes), LOG_RANK (the global rank whose progress is shown,
 # default 0), DRY_RUN=1 (plan the config without training; see arbor_titan.estimate).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,7 +16,7 @@ fi
 
 NGPU="${NGPU:-1}"
 NNODES="${NNODES:-1}"
-LOG_RANK="${LOG_RANK:-0}"
+export LOG_RANK="${LOG_RANK:-0}"
 
 if [ "${NNODES}" -gt 1 ]; then
     : "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port of node 0 when NNODES > 1}"
@@ -27,5 +27,4 @@ else
 fi
 
 exec "${ARBOR_PYTHON}" -m torch.distributed.run "${rendezvous[@]}" \
-    --nproc_per_node="${NGPU}" --local-ranks-filter="${LOG_RANK}" --role=rank --tee=3 \
-    -m arbor_titan.train "${CONFIG}" "$@"
+    --nproc_per_node="${NGPU}" -m arbor_titan.train "${CONFIG}" "$@"

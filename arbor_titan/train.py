@@ -19,7 +19,9 @@ logger = logging.getLogger("arbor_titan")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    setup_console_logging(int(os.environ.get("RANK", 0)), show=True)
+    rank = int(os.environ.get("RANK", 0))
+    # Only LOG_RANK (default 0) prints progress; warnings and errors come from every rank.
+    setup_console_logging(rank, show=rank == int(os.environ.get("LOG_RANK", 0)))
     try:
         cfg, print_only = parse_cli(argv)
         if print_only:

@@ -18,10 +18,14 @@ else
     if [ ! -x "${_arbor_venv}/bin/python" ] || [ "$(cat "${_arbor_stamp}" 2>/dev/null)" != "${_arbor_want}" ]; then
         echo "[setup] preparing ${_arbor_venv} (first run only; torch: ${ARBOR_TORCH_SPEC:-torch==2.13.0})" >&2
         python3 -m venv "${_arbor_venv}" || return 1 2>/dev/null || exit 1
-        "${_arbor_venv}/bin/python" -m pip install -q --upgrade pip >&2 \
-            && "${_arbor_venv}/bin/python" -m pip install -q "${ARBOR_TORCH_SPEC:-torch==2.13.0}" >&2 \
-            && "${_arbor_venv}/bin/python" -m pip install -q -e "${_arbor_root}[dev]" >&2 \
-            || { echo "[setup] installing the environment failed" >&2; return 1 2>/dev/null || exit 1; }
+        _arbor_log="${_arbor_venv}/setup.log"
+        { "${_arbor_venv}/bin/python" -m pip install --upgrade pip \
+            && "${_arbor_venv}/bin/python" -m pip install "${ARBOR_TORCH_SPEC:-torch==2.13.0}" \
+            && "${_arbor_venv}/bin/python" -m pip install -e "${_arbor_root}[dev]"; } \
+            > "${_arbor_log}" 2>&1 \
+            || { tail -n 30 "${_arbor_log}" >&2
+                 echo "[setup] installing the environment failed; full log: ${_arbor_log}" >&2
+                 return 1 2>/dev/null || exit 1; }
         echo "${_arbor_want}" > "${_arbor_stamp}"
         echo "[setup] environment ready" >&2
     fi

@@ -7,6 +7,7 @@ from arbor_titan.config.fields import option
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointConfig
 from arbor_titan.distributed.compile import CompileConfig
+from arbor_titan.distributed.float8 import Float8Config
 from arbor_titan.distributed.parallel_dims import ParallelismConfig
 from arbor_titan.metrics.config import MetricsConfig
 from arbor_titan.models.arbor.args import ModelConfig
@@ -83,5 +84,6 @@ class JobConfig:
         default_factory=ActivationCheckpointConfig
     )
     compile: CompileConfig = field(default_factory=CompileConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)

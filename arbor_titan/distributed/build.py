@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from arbor_titan.config.job import JobConfig
+from arbor_titan.distributed.float8 import convert_to_float8
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import Numerics, parallelize
 from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
@@ -52,6 +53,8 @@ def build_model(
         model = Transformer(args)
     num_params = count_params(model)
     num_embedding_params = model.tok_embeddings.weight.numel()
+    # float8 linears replace nn.Linear before TP and FSDP2 shard them (TorchTitan's order).
+    convert_to_float8(model, cfg.float8, device)
     pipeline = None
     parts = [model]
     if dims.pp > 1:

@@ -6,13 +6,13 @@ The training forward stays cache-free; this file runs the same blocks step by st
 own position. Both shapes are fixed per call site, so each compiles separately (STYLE lesson 9).
 """
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_titan.models.arbor.model import Attention, Transformer, TransformerBlock, apply_rope
+from arbor_titan.models.arbor.model import Attention, Transformer, apply_rope
 from plugins.inference.kv_cache import StaticKVCache
 from plugins.inference.rope import rope_table
 
@@ -36,12 +36,7 @@ class CachedForward(Protocol):
 class ArborCachedForward(nn.Module):
     """`CachedForward` for an Arbor `Transformer` (whole model on one device)."""
 
-    def __init__(
-        self,
-        model: Transformer,
-        slots: int,
-        max_len: int,
-    ):
+    def __init__(self, model: Transformer, slots: int, max_len: int):
         super().__init__()
         args = model.args
         dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
@@ -56,73 +51,64 @@ class ArborCachedForward(nn.Module):
         seq_len = tokens_s.shape[0]
         if not 0 < seq_len <= self.max_len:
             raise ValueError(f"prompt of {seq_len} tokens does not fit a cache of {self.max_len}")
-        positions_bs = self.key_positions[None, :seq_len]
-        h_bsd = self.model.tok_embeddings(tokens_s[None])
-        for i, block in enumerate(self.model.layers.values()):
-            h_bsd = self._block(block, h_bsd, positions_bs, i, slot=slot)
+        step = _Step(self.rope[:, :seq_len], slot=slot)
+        h_bsd = self._layers(self.model.tok_embeddings(tokens_s[None]), step)
         return self._logits(h_bsd[:, -1])[0]
 
     def decode(self, tokens_b: torch.Tensor, positions_b: torch.Tensor) -> torch.Tensor:
-        h_bsd = self.model.tok_embeddings(tokens_b[:, None])
-        for i, block in enumerate(self.model.layers.values()):
-            h_bsd = self._block(block, h_bsd, positions_b[:, None], i, slot=None)
+        # Slot b sees its own keys up to its position; later ones are stale or empty.
+        mask_b11l = (self.key_positions[None, :] <= positions_b[:, None])[:, None, None, :]
+        step = _Step(self.rope[:, positions_b], positions_b=positions_b, mask_b11l=mask_b11l)
+        h_bsd = self._layers(self.model.tok_embeddings(tokens_b[:, None]), step)
         return self._logits(h_bsd[:, 0])
 
-    def _block(
-        self,
-        block: TransformerBlock,
-        x_bsd: torch.Tensor,
-        positions_bs: torch.Tensor,
-        layer: int,
-        slot: int | None,
-    ) -> torch.Tensor:
-        normed_bsd = block.attention_norm(x_bsd)
-        h_bsd = x_bsd + self._attention(block.attention, normed_bsd, positions_bs, layer, slot)
-        return h_bsd + block.feed_forward(block.ffn_norm(h_bsd))
+    def _layers(self, h_bsd: torch.Tensor, step: "_Step") -> torch.Tensor:
+        for layer, block in enumerate(self.model.layers.values()):
+            normed_bsd = block.attention_norm(h_bsd)
+            h_bsd = h_bsd + self._attention(block.attention, normed_bsd, layer, step)
+            h_bsd = h_bsd + block.feed_forward(block.ffn_norm(h_bsd))
+        return h_bsd
 
     def _attention(
-        self,
-        attn: Attention,
-        x_bsd: torch.Tensor,
-        positions_bs: torch.Tensor,
-        layer: int,
-        slot: int | None,
+        self, attn: Attention, x_bsd: torch.Tensor, layer: int, step: "_Step"
     ) -> torch.Tensor:
-        """Prefill (`slot` given): causal attention within the prompt, keys stored in the slot.
-        Decode (`slot` None): one query per slot against that slot's cache up to its position."""
+        """Prefill: causal attention within the prompt, whose keys are stored in the slot.
+        Decode: one query per slot against that slot's cache up to its position."""
         bsz, seq_len, _ = x_bsd.shape
-        q_bshd = self._rotate(attn.wq(x_bsd).view(bsz, seq_len, -1, attn.head_dim), positions_bs)
-        k_bshd = self._rotate(attn.wk(x_bsd).view(bsz, seq_len, -1, attn.head_dim), positions_bs)
+        q_bshd = _rotate(attn.wq(x_bsd).view(bsz, seq_len, -1, attn.head_dim), step.cos_sin)
+        k_bshd = _rotate(attn.wk(x_bsd).view(bsz, seq_len, -1, attn.head_dim), step.cos_sin)
         v_bshd = attn.wv(x_bsd).view(bsz, seq_len, -1, attn.head_dim)
         gqa = q_bshd.shape[2] != k_bshd.shape[2]
-        if slot is not None:
-            self.cache.write_prefix(layer, slot, k_bshd, v_bshd)
-            out_bhsd = F.scaled_dot_product_attention(
-                q_bshd.transpose(1, 2),
-                k_bshd.transpose(1, 2),
-                v_bshd.transpose(1, 2),
-                is_causal=True,
-                enable_gqa=gqa,
-            )
+        if step.slot is not None:
+            self.cache.write_prefix(layer, step.slot, k_bshd, v_bshd)
+            keys, values, mask, causal = k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), None, True
         else:
-            self.cache.write_step(layer, positions_bs[:, 0], k_bshd, v_bshd)
-            keys_bhld, values_bhld = self.cache.layer(layer)
-            # Slot b sees its own keys up to its position; later ones are stale or empty.
-            mask_b11l = (self.key_positions[None, :] <= positions_bs)[:, None, None, :]
-            out_bhsd = F.scaled_dot_product_attention(
-                q_bshd.transpose(1, 2), keys_bhld, values_bhld, attn_mask=mask_b11l, enable_gqa=gqa
-            )
+            self.cache.write_step(layer, step.positions_b, k_bshd, v_bshd)
+            (keys, values), mask, causal = self.cache.layer(layer), step.mask_b11l, False
+        out_bhsd = F.scaled_dot_product_attention(
+            q_bshd.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+        )
         return attn.wo(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1))
-
-    def _rotate(self, x_bshd: torch.Tensor, positions_bs: torch.Tensor) -> torch.Tensor:
-        """RoPE at each token's own position: the model's `apply_rope` over all tokens as one
-        sequence, with the table's rows gathered at those positions."""
-        bsz, seq_len, heads, head_dim = x_bshd.shape
-        flat_1thd = x_bshd.reshape(1, bsz * seq_len, heads, head_dim)
-        return apply_rope(flat_1thd, self.rope[:, positions_bs.reshape(-1)]).view_as(x_bshd)
 
     def _logits(self, h_bd: torch.Tensor) -> torch.Tensor:
         h_bd = self.model.norm(h_bd)
         output = self.model.output
         weight = output.weight if output is not None else self.model.tok_embeddings.weight
         return F.linear(h_bd, weight).float()
+
+
+class _Step(NamedTuple):
+    """What one forward call shares across layers: the RoPE rows of its tokens, and either the
+    prefill's slot or the decode's per-slot positions and attention mask."""
+
+    cos_sin: torch.Tensor  # (2, tokens, head_dim), tokens in (batch, seq) order
+    slot: int | None = None
+    positions_b: torch.Tensor | None = None
+    mask_b11l: torch.Tensor | None = None
+
+
+def _rotate(x_bshd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE at each token's own position: the model's `apply_rope` over all tokens as one
+    sequence, given the table rows of those positions."""
+    bsz, seq_len, heads, head_dim = x_bshd.shape
+    return apply_rope(x_bshd.reshape(1, bsz * seq_len, heads, head_dim), cos_sin).view_as(x_bshd)

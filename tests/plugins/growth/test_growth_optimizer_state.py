@@ -142,3 +142,33 @@ def test_unknown_optimizer_entry_is_named():
     growth = Growth.create("deepen", TINY, {"layers": [0]})
     with pytest.raises(ValueError, match=r"norm.weight.momentum_buffer: unknown entry"):
         growth.grow_state_entry("norm.weight", "momentum_buffer", torch.zeros(32))
+
+
+def test_clone_then_step_versus_step_then_clone():
+    """GROWTH.md asked to verify clone's moment rule this way. With moments scaled as the
+    gradients are, tensors the clone does not divide (embedding, gains) step exactly as if the
+    small model had stepped and then been cloned; a tensor divided by n takes n times that step,
+    because Adam's update ignores the gradient's scale (documented in clone_width)."""
+    model, optimizer = trained(TINY, steps=3)
+    growth, grown = grow(model, "clone_width", {"noise": False})
+    grown_optimizer = torch.optim.AdamW(grown.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)
+    set_optimizer_state_dict(
+        grown, grown_optimizer, growth.optimizer_state(get_optimizer_state_dict(model, optimizer))
+    )
+    x = batch(TINY.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown_before = {k: v.clone() for k, v in grown.state_dict().items()}
+    for m, opt in ((model, optimizer), (grown, grown_optimizer)):
+        opt.zero_grad()
+        loss_of(m, x).backward()
+        opt.step()
+    for name, after in model.state_dict().items():
+        step_then_clone = growth.grow_param(name, after)[name] - growth.grow_param(
+            name, before[name]
+        )[name]
+        clone_then_step = grown.state_dict()[name] - grown_before[name]
+        divided = not (name == "tok_embeddings.weight" or name.endswith("norm.weight"))
+        # Adam's eps does not scale with the moments: equal to 1e-3, not to rounding.
+        torch.testing.assert_close(
+            clone_then_step, step_then_clone * (2 if divided else 1), rtol=1e-3, atol=1e-3 * LR
+        )

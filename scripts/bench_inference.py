@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""Inference benchmark, all measured in one run so ratios survive a noisy machine:
+
+- decode tokens/s of the static-KV-cache engine at batch 1 and 8, for the `bench` flavor
+  (16.8M) and a ~200M model, fp32 and bf16 (random init: speed doesn't depend on the weights);
+- the same models in `transformers` `generate` (eager, its default cache), if installed;
+- the fraction of the memory-bandwidth roofline: a decode step must read every weight matrix
+  once, so it can't be faster than weight bytes / bandwidth (measured here with a large sum);
+- server throughput: 8 concurrent requests against the same 8 one at a time.
+
+    python scripts/bench_inference.py --quick     # bench model only, fewer tokens (~1 min)
+    python scripts/bench_inference.py             # both models (~5 min on 2 cores)
+"""
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from arbor_titan.models.arbor.args import FLAVORS, ArborArgs
+from arbor_titan.models.arbor.model import Transformer, count_params
+from plugins.inference.engine import create_engine
+from plugins.inference.loading import DTYPES
+from plugins.inference.sampling import SamplingParams
+
+MODELS = {
+    "bench": FLAVORS["bench"],
+    # Llama proportions at ~200M: head_dim 64, GQA 2:1, FFN 2.75·dim, 32k vocab, untied.
+    "200m": ArborArgs(
+        dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, ffn_dim=2816, vocab_size=32000
+    ),
+}
+PROMPT_LEN = 16
+
+
+class CountingTokenizer:
+    """Stands in for sentencepiece on random models: cheap, and streams one char per token."""
+
+    bos_id, eos_id = 1, 2
+
+    @staticmethod
+    def encode(text: str) -> list[int]:
+        return [3 + ord(c) % 100 for c in text]
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        return "x" * len(ids)
+
+
+@dataclass
+class Row:
+    model: str
+    dtype: str
+    batch: int
+    ours_tok_s: float
+    hf_tok_s: float | None
+    step_ms: float
+    roofline_ms: float
+    compile_s: float | None = None
+
+    @property
+    def roofline_fraction(self) -> float:
+        return self.roofline_ms / self.step_ms
+
+    @property
+    def hf_ratio(self) -> float | None:
+        return self.ours_tok_s / self.hf_tok_s if self.hf_tok_s else None
+
+
+def measure_bandwidth(nbytes: int) -> float:
+    """Read bandwidth in bytes/s: the best of several sums of a tensor far larger than caches."""
+    x = torch.ones(nbytes // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(5))
+    return nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build_model(args: ArborArgs, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model.to(dtype).eval()
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads: every matrix, except that an untied embedding table is only
+    indexed (one row per token)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.output is not None:
+        total -= model.tok_embeddings.weight.numel() * model.tok_embeddings.weight.element_size()
+    return total
+
+
+def prompts(batch: int, vocab: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, PROMPT_LEN - 1)
+    return [[1, *row] for row in torch.randint(3, vocab, shape, generator=generator).tolist()]
+
+
+def ours_decode(model: Transformer, batch: int, new_tokens: int, compile: bool):
+    """(decode tokens/s, ms per step, compile seconds or None, first sequence's tokens)."""
+    engine = create_engine(
+        model, CountingTokenizer(), batch, PROMPT_LEN + new_tokens, compile=compile
+    )
+    ids = prompts(batch, model.args.vocab_size)
+    engine.generate(ids, SamplingParams(max_new_tokens=4, ignore_eos=True))  # warm up
+    compile_s = engine.stats.compile_s if compile else None
+    engine.stats = type(engine.stats)()
+    done = engine.generate(ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    step_ms = 1e3 * engine.stats.decode_s / engine.stats.decode_steps
+    return engine.stats.decode_tokens_per_s, step_ms, compile_s, done[0].output_ids
+
+
+def hf_model(model: Transformer):
+    """The same weights as a transformers LlamaForCausalLM, or None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from arbor_titan.checkpoint.hf import hf_config, to_hf_name
+
+    dtype = model.tok_embeddings.weight.dtype
+    config = transformers.LlamaConfig(**hf_config(model.args, dtype, None))
+    hf = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    hf.load_state_dict({to_hf_name(k): v for k, v in model.state_dict().items()}, strict=False)
+    return hf
+
+
+def hf_decode(hf, batch: int, vocab: int, new_tokens: int):
+    """(decode tokens/s, first sequence's new tokens): per-token time from two generate calls of
+    different lengths, so the prefill cancels out."""
+    input_ids = torch.tensor(prompts(batch, vocab))
+
+    def run(n: int):
+        with torch.inference_mode():
+            return hf.generate(
+                input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+
+    run(4)  # warm up
+    short, long = 2, new_tokens + 2
+    t_short = _timed(lambda: run(short))
+    start = time.perf_counter()
+    out = run(long)
+    per_token = (time.perf_counter() - start - t_short) / (long - short)
+    return batch / per_token, out[0, PROMPT_LEN:].tolist()
+
+
+def server_throughput(model: Transformer, requests: int, new_tokens: int) -> tuple[float, float]:
+    """Aggregate completion tokens/s: `requests` sent one at a time, then all at once."""
+    import httpx
+
+    from plugins.inference.server import BackgroundServer, ServerConfig, create_app
+    from plugins.inference.service import EngineLoop
+
+    engine = create_engine(model, CountingTokenizer(), requests, PROMPT_LEN + new_tokens)
+    loop = EngineLoop(engine).start()
+    bodies = [
+        {"prompt": ids, "max_tokens": new_tokens, "temperature": 0}
+        for ids in prompts(requests, model.args.vocab_size)
+    ]
+    try:
+        with (
+            BackgroundServer(create_app(loop, ServerConfig())) as server,
+            httpx.Client(base_url=server.url, timeout=600) as client,
+        ):
+
+            def post(body: dict) -> int:
+                response = client.post("/v1/completions", json=body)
+                response.raise_for_status()
+                return response.json()["usage"]["completion_tokens"]
+
+            post(bodies[0])  # warm up
+            start = time.perf_counter()
+            sequential = sum(post(b) for b in bodies) / (time.perf_counter() - start)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(requests) as pool:
+                concurrent = sum(pool.map(post, bodies)) / (time.perf_counter() - start)
+    finally:
+        loop.stop()
+    return sequential, concurrent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="bench model only, fewer tokens")
+    parser.add_argument("--models", default=None, help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=None, help="decode steps per run")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled decode")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--no-server", action="store_true", help="skip the server throughput")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    names = (args.models or ("bench" if args.quick else "bench,200m")).split(",")
+    new_tokens = args.new_tokens or (16 if args.quick else 48)
+    torch.manual_seed(0)
+
+    bandwidth = measure_bandwidth((256 if args.quick else 1024) * 2**20)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {new_tokens} decode steps per run",
+        flush=True,
+    )
+    rows: list[Row] = []
+    agreement = []
+    for name in names:
+        for dtype_name in args.dtypes.split(","):
+            model = build_model(MODELS[name], DTYPES[dtype_name])
+            roofline_ms = 1e3 * weight_bytes(model) / bandwidth
+            hf = None if args.no_hf else hf_model(model)
+            print(
+                f"{name} ({count_params(model) / 1e6:.1f}M params, {dtype_name}): "
+                f"{weight_bytes(model) / 2**20:.0f} MiB read per step",
+                flush=True,
+            )
+            for batch in (int(b) for b in args.batches.split(",")):
+                for compile in (False, True) if args.compile else (False,):
+                    tok_s, step_ms, compile_s, ours_ids = ours_decode(
+                        model, batch, new_tokens, compile
+                    )
+                    hf_tok_s = None
+                    if hf is not None and not compile:
+                        hf_tok_s, hf_ids = hf_decode(hf, batch, model.args.vocab_size, new_tokens)
+                        agreement.append(ours_ids[:new_tokens] == hf_ids[:new_tokens])
+                    row = Row(name, dtype_name, batch, tok_s, hf_tok_s, step_ms, roofline_ms)
+                    row.compile_s = compile_s
+                    rows.append(row)
+                    print("  " + _describe(row), flush=True)
+            del model, hf
+
+    if not args.no_server:
+        model = build_model(MODELS["bench"], torch.float32)
+        sequential, concurrent = server_throughput(model, 8, new_tokens)
+        print(
+            f"server (bench, fp32): 8 one at a time {sequential:,.0f} tok/s; 8 concurrent "
+            f"{concurrent:,.0f} tok/s ({concurrent / sequential:.2f}x, target >= 3x)"
+        )
+    else:
+        sequential = concurrent = None
+    if agreement:
+        print(f"greedy tokens equal to transformers in {sum(agreement)}/{len(agreement)} runs")
+    if args.json:
+        with open(args.json, "w") as f:
+            result = {
+                "bandwidth_gb_s": bandwidth / 1e9,
+                "rows": [asdict(r) | {"roofline_fraction": r.roofline_fraction} for r in rows],
+                "server_sequential_tok_s": sequential,
+                "server_concurrent_tok_s": concurrent,
+            }
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _describe(row: Row) -> str:
+    text = (
+        f"batch {row.batch}{' compiled' if row.compile_s is not None else ''}: "
+        f"{row.ours_tok_s:,.1f} tok/s, {row.step_ms:.1f} ms/step, "
+        f"{100 * row.roofline_fraction:.0f}% of the {row.roofline_ms:.1f} ms roofline"
+    )
+    if row.hf_tok_s is not None:
+        text += f"; transformers {row.hf_tok_s:,.1f} tok/s ({row.hf_ratio:.2f}x)"
+    if row.compile_s is not None:
+        text += f"; compile {row.compile_s:.1f}s"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
