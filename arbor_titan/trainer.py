@@ -22,6 +22,7 @@ from arbor_titan.distributed.build import build_model
 from arbor_titan.distributed.init import ProcessInfo, barrier, init_distributed
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import DTYPES
+from arbor_titan.distributed.pipeline import V_SCHEDULES
 from arbor_titan.distributed.reductions import (
     clip_grad_norm_,
     mean_over_data_parallel,
@@ -59,6 +60,13 @@ class Trainer:
         self.cfg = cfg
         self.proc: ProcessInfo = init_distributed()
         self.dims = ParallelDims.from_config(cfg.parallelism, self.proc.world_size)
+        schedule = cfg.parallelism.pipeline_parallel_schedule
+        if self.dims.pp > 1 and schedule in V_SCHEDULES and cfg.validation.enable:
+            # torch.distributed.pipelining's eval() fails for V-shaped schedules (torch 2.13).
+            raise ValueError(
+                f"validation under parallelism.pipeline_parallel_schedule={schedule} is not "
+                "supported; set --validation.enable=false or use Interleaved1F1B"
+            )
         self.run_dir = Path(cfg.job.dump_folder) / cfg.job.name
         self.state = TrainState()
         self.callbacks = list(callbacks or [])

@@ -106,14 +106,16 @@ class Engine:
 
     def compile(self) -> None:
         """Compile the decode step as one graph and run it once (timed in `stats.compile_s`);
-        fall back to eager, with a warning, if compilation fails."""
+        fall back to eager, with a warning, if compilation fails. Call before any request."""
+        if self.has_work():
+            raise RuntimeError("compile the engine before submitting requests")
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
         compiled = torch.compile(self.forward.decode, fullgraph=True, dynamic=False, mode=mode)
         zeros = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                compiled(zeros, zeros)  # writes position 0 of every slot: free slots only
+                compiled(zeros, zeros)  # writes position 0 of every slot, all free
         except Exception as err:  # noqa: BLE001 - any compiler failure means: stay eager
             logger.warning("torch.compile of the decode step failed, running eager: %s", err)
             return
@@ -203,9 +205,7 @@ class Engine:
             logits_v = self.forward.prefill(prompt_s, slot)
             token = sample(logits_v, params, request._generator, request._seen_v)
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the others
-            logger.exception("request failed in prefill")
-            request.error = f"{type(err).__name__}: {err}"
-            self._finish(slot, request, "error", "")
+            self._fail(slot, request, err)
             return
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefill_tokens += len(request.prompt_ids)
@@ -224,16 +224,30 @@ class Engine:
         self.stats.decode_tokens += len(running)
         for slot, request in running:
             self._positions[slot] += 1
-            self._accept(slot, request, chosen[slot])
+            if isinstance(chosen[slot], Exception):
+                self._fail(slot, request, chosen[slot])
+            else:
+                self._accept(slot, request, chosen[slot])
 
-    def _choose(self, logits_bv: torch.Tensor, running: list[tuple[int, Request]]) -> dict:
-        """Next token per running slot: greedy rows in one batched argmax, the rest one by one."""
+    def _choose(
+        self, logits_bv: torch.Tensor, running: list[tuple[int, Request]]
+    ) -> dict[int, int | Exception]:
+        """Next token per running slot: greedy rows in one batched argmax, the rest one by one
+        (a row that can't be sampled, e.g. NaN logits, gets its exception instead)."""
         greedy = [slot for slot, r in running if r.params.greedy]
         chosen = dict(zip(greedy, logits_bv[greedy].argmax(-1).tolist())) if greedy else {}
         for slot, r in running:
             if slot not in chosen:
-                chosen[slot] = sample(logits_bv[slot], r.params, r._generator, r._seen_v)
+                try:
+                    chosen[slot] = sample(logits_bv[slot], r.params, r._generator, r._seen_v)
+                except Exception as err:  # noqa: BLE001 - fails this request only
+                    chosen[slot] = err
         return chosen
+
+    def _fail(self, slot: int, request: Request, err: Exception) -> None:
+        logger.warning("request failed: %s: %s", type(err).__name__, err)
+        request.error = f"{type(err).__name__}: {err}"
+        self._finish(slot, request, "error", "")
 
     def _accept(self, slot: int, request: Request, token: int) -> None:
         request.output_ids.append(token)
@@ -260,6 +274,8 @@ class Engine:
     def _finish(self, slot: int | None, request: Request, reason: str, delta: str) -> None:
         if slot is not None:
             self._scheduler.release(slot)
+            # A free slot still decodes (fixed shapes): keep its writes inside the cache.
+            self._tokens[slot] = self._positions[slot] = 0
         request.finish_reason = reason
         if request._stream is not None:
             request.text = request._stream.text

@@ -143,8 +143,6 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
         except ValueError as err:
             raise APIError(400, str(err), param) from err
         rid, model = new_id("chatcmpl" if chat else "cmpl"), cfg.model_name
-        build = chat_body if chat else completion_body
-
         if gen.stream:
             return StreamingResponse(
                 _events(req, updates, rid, model, chat, gen.include_usage),
@@ -160,12 +158,14 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
             req.cancelled = not req.done.is_set()
         if finish == "error":
             raise APIError(500, req.error or "generation failed", None, None, "server_error")
+        build = chat_body if chat else completion_body
         body = build(rid, model, req.text, finish, usage(len(ids), len(req.output_ids)), False)
         return JSONResponse(body)
 
     async def _events(
         req: Any, updates: asyncio.Queue, rid: str, model: str, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
+        build = chat_body if chat else completion_body
         try:
             if chat:  # OpenAI's first chunk names the role
                 yield _sse(chat_body(rid, model, "", None, None, True, first=True))
@@ -176,16 +176,11 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
                     yield _sse(error.body())
                     break
                 if delta or finish is not None:
-                    build = chat_body if chat else completion_body
                     yield _sse(build(rid, model, delta, finish, None, True))
                 if finish is not None:
-                    if include_usage:
+                    if include_usage:  # OpenAI's usage chunk has no choices
                         counts = usage(len(req.prompt_ids), len(req.output_ids))
-                        tail = (chat_body if chat else completion_body)(
-                            rid, model, "", None, counts, True
-                        )
-                        tail["choices"] = []
-                        yield _sse(tail)
+                        yield _sse(build(rid, model, "", None, counts, True) | {"choices": []})
                     break
             yield "data: [DONE]\n\n"
         finally:

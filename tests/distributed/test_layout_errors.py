@@ -78,3 +78,17 @@ def test_pipeline_microbatches_must_divide_the_batch(dump_folder):
     )
     assert result.returncode != 0
     assert "pipeline_parallel_microbatches=3" in result.stdout + result.stderr
+
+
+def test_validation_under_a_v_schedule_is_refused_up_front(dump_folder):
+    result = run_training(
+        dump_folder,
+        "bad_v_validation",
+        "--parallelism.pipeline_parallel_degree=2",
+        "--parallelism.pipeline_parallel_schedule=ZBVZeroBubble",
+        "--validation.enable=true",
+        nproc=2,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "validation.enable=false" in result.stdout + result.stderr

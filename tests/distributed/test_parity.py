@@ -70,6 +70,7 @@ LAYOUTS = {
         ],
     ),
     "fsdp_compile": (2, ["--training.local_batch_size=2", "--compile.enable=true"]),
+    "fsdp_cpu_offload": (2, ["--training.local_batch_size=2", "--training.cpu_offload=true"]),
 }
 
 

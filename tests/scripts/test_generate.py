@@ -77,6 +77,7 @@ def test_without_a_checkpoint_it_says_how_to_make_one(tmp_path, monkeypatch, cap
     assert "./run_train.sh" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loads_a_checkpoint_saved_by_fsdp_x_tp_training(dump_folder):
     # One 4-process run (data_parallel_shard 2 x tensor_parallel 2) covers both shardings in
     # ~20 s; the DCP weights are DTensors sharded on both mesh dimensions.

@@ -89,26 +89,24 @@ class CloneWidth(GrowthOperator):
             return {name: values.copy(embedding), OUTPUT: self._noisy(output, values, ctx, n)}
         if suffix.endswith("norm.weight"):
             return {name: values.scaled(tensor.tile(n), weight_scale=1.0, grad_scale=1 / n)}
-        if suffix in QKV:
-            hd = ctx.args.head_dim
-            heads_hdD = tensor.view(-1, hd, tensor.shape[1]).tile(n, 1, n)
-            tiled = heads_hdD.reshape(-1, tensor.shape[1] * n)
-            return {name: self._noisy(values.scaled(tiled, 1 / n, 1 / n), values, ctx, n)}
-        if suffix == WO:
-            return {
-                name: self._noisy(values.scaled(tensor.tile(n, n), 1 / n, 1 / n), values, ctx, n)
-            }
-        if suffix in (W1, W3):
-            return {
-                name: self._noisy(values.scaled(tensor.tile(k, n), 1 / n, 1 / k), values, ctx, n)
-            }
-        if suffix == W2:
-            return {
-                name: self._noisy(values.scaled(tensor.tile(n, k), 1 / k, 1 / n), values, ctx, k)
-            }
-        if name == OUTPUT:
-            return {name: self._noisy(values.scaled(tensor.tile(1, n), 1 / n, 1.0), values, ctx, n)}
-        raise unknown_tensor("clone_width", name)
+        # Matrices: (tile repeats, weight scale, gradient scale, copies of each input column).
+        rules = {
+            WO: ((n, n), 1 / n, 1 / n, n),
+            W1: ((k, n), 1 / n, 1 / k, n),
+            W3: ((k, n), 1 / n, 1 / k, n),
+            W2: ((n, k), 1 / k, 1 / n, k),
+            OUTPUT: ((1, n), 1 / n, 1.0, n),
+        }
+        if suffix in QKV:  # tiled per head, so each copy of the heads keeps whole heads
+            hd, d = ctx.args.head_dim, tensor.shape[1]
+            tiled = tensor.view(-1, hd, d).tile(n, 1, n).reshape(-1, d * n)
+            grown = values.scaled(tiled, weight_scale=1 / n, grad_scale=1 / n)
+            return {name: self._noisy(grown, values, ctx, n)}
+        if suffix not in rules:
+            raise unknown_tensor("clone_width", name)
+        repeats, weight_scale, grad_scale, copies = rules[suffix]
+        grown = values.scaled(tensor.tile(*repeats), weight_scale, grad_scale)
+        return {name: self._noisy(grown, values, ctx, copies)}
 
     @staticmethod
     def _noisy(

@@ -1,5 +1,6 @@
 """`[growth]` from TOML, errors that name the key, the registry, chained plans and schedules."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -8,6 +9,7 @@ from growth_testing import TINY
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError, build, to_toml
+from arbor_titan.models.arbor import ArborArgs
 from plugins.growth import Growth, GrowthConfig, build_schedule, plan_growth
 
 BUILT_IN = ["add_heads", "clone_width", "deepen", "stack", "widen_ffn", "widen_hidden"]
@@ -90,15 +92,24 @@ def test_registry_holds_the_built_ins_and_unknown_names_list_them():
         ("deepen", {"layers": "0"}, r"growth.stages\[0\].params.layers expects list\[int\]"),
         ("widen_ffn", {"ffn_dim": 8}, r"params.ffn_dim: widen_ffn: must exceed .* 48"),
         ("clone_width", {"factor": 1}, r"params.factor: clone_width: must be at least 2"),
-        (
-            "add_heads",
-            {},
-            r"growth.stages\[0\]: add_heads: ArborArgs derives head_dim .* explicit head_dim",
-        ),
-        ("widen_hidden", {"dim": 64}, r"head_dim 8->16"),
     ],
 )
 def test_operator_param_errors_name_the_key(op, params, message):
+    with pytest.raises(ConfigError, match=message):
+        Growth.create(op, TINY, params, where="growth.stages[0]")
+
+
+@pytest.mark.parametrize(
+    ("op", "params", "message"),
+    [
+        ("add_heads", {}, r"growth.stages\[0\]: add_heads: ArborArgs derives head_dim"),
+        ("widen_hidden", {"dim": 64}, r"widen_hidden: .* would change head_dim 8->16"),
+    ],
+)
+def test_head_dim_keeping_ops_need_an_explicit_head_dim(op, params, message):
+    if any(f.name == "head_dim" for f in dataclasses.fields(ArborArgs)):
+        assert Growth.create(op, TINY, params).new_args.head_dim == TINY.head_dim
+        return
     with pytest.raises(ConfigError, match=message):
         Growth.create(op, TINY, params, where="growth.stages[0]")
 

@@ -163,9 +163,9 @@ def test_clone_then_step_versus_step_then_clone():
         loss_of(m, x).backward()
         opt.step()
     for name, after in model.state_dict().items():
-        step_then_clone = growth.grow_param(name, after)[name] - growth.grow_param(
-            name, before[name]
-        )[name]
+        step_then_clone = (
+            growth.grow_param(name, after)[name] - growth.grow_param(name, before[name])[name]
+        )
         clone_then_step = grown.state_dict()[name] - grown_before[name]
         divided = not (name == "tok_embeddings.weight" or name.endswith("norm.weight"))
         # Adam's eps does not scale with the moments: equal to 1e-3, not to rounding.

@@ -88,7 +88,8 @@ class ScriptedForward:
 
     def _one_hot(self, positions):
         logits = torch.zeros(len(positions), self.vocab_size)
-        logits[range(len(positions)), [self.script(p) for p in positions]] = 1.0
+        for row, token in enumerate(self.script(p) for p in positions):
+            logits[row, token] = 1.0 if token >= 0 else float("nan")  # -1: a broken row
         return logits
 
     def prefill(self, tokens_s, slot):
@@ -100,8 +101,8 @@ class ScriptedForward:
         return self._one_hot([p + 1 for p in positions_b.tolist()])
 
 
-def letters(eos_at=None):
-    return lambda p: 2 if p == eos_at else 3 + ord("abcdefghij"[p % 10])
+def letters(eos_at=None, nan_at=None):
+    return lambda p: {eos_at: 2, nan_at: -1}.get(p, 3 + ord("abcdefghij"[p % 10]))
 
 
 def scripted_engine(tokenizer, script, slots=2, max_len=32):
@@ -129,17 +130,20 @@ def test_max_new_tokens_and_a_full_cache_end_with_length(tokenizer):
 
 
 def test_a_failing_or_cancelled_request_leaves_the_others_running(tokenizer):
-    engine = scripted_engine(tokenizer, letters(), slots=2)
+    engine = scripted_engine(tokenizer, letters(nan_at=4), slots=3)
     poisoned = engine.submit([1, 99], SamplingParams(max_new_tokens=5))
-    cancelled = engine.submit([1, 3], SamplingParams(max_new_tokens=20))
-    healthy = engine.submit([1, 3, 3], SamplingParams(max_new_tokens=5))
+    cancelled = engine.submit([1, 3, 3, 3, 3, 3], SamplingParams(max_new_tokens=20))
+    unsampleable = engine.submit([1, 3], SamplingParams(max_new_tokens=5, temperature=1.0))
+    healthy = engine.submit([1, 3, 3, 3, 3], SamplingParams(max_new_tokens=5))
     engine.step()
     assert poisoned.finish_reason == "error" and "poisoned prompt" in poisoned.error
+    engine.step()  # the decode reaching position 4 gets NaN logits
+    assert unsampleable.finish_reason == "error" and "probability" in unsampleable.error
     cancelled.cancelled = True
     while engine.has_work():
         engine.step()
     assert cancelled.finish_reason == "cancelled" and len(cancelled.output_ids) < 20
-    assert (healthy.finish_reason, healthy.text) == ("length", "defgh")
+    assert (healthy.finish_reason, healthy.text) == ("length", "fghij")
 
 
 @pytest.mark.parametrize(
@@ -159,6 +163,7 @@ def test_registered_as_static_kv_engine():
     assert registry.get("inference_engine", "static_kv") is create_engine
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_matches_eager(tokenizer):
     # One layer: a cold compile costs ~20-50 s per layer on 2 busy cores.
     model = random_model(tiny_args(n_layers=1))
@@ -168,3 +173,13 @@ def test_compiled_decode_step_matches_eager(tokenizer):
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     expected = [r.output_ids for r in eager.generate(PROMPTS[:2], params)]
     assert [r.output_ids for r in compiled.generate(PROMPTS[:2], params)] == expected
+
+
+def test_a_request_that_fills_its_cache_slot_leaves_the_batch_running(loaded):
+    engine = create_engine(loaded.model, loaded.tokenizer, slots=2, max_len=16)
+    full, other = engine.generate(
+        [list(range(1, 13)), [1, 40]],
+        [SamplingParams(max_new_tokens=100, ignore_eos=True), GREEDY],
+    )
+    assert (full.finish_reason, len(full.output_ids)) == ("length", 5)
+    assert other.output_ids == alone(loaded, [1, 40], GREEDY).output_ids

@@ -85,6 +85,15 @@ def test_completions_equal_the_engines_greedy_output(client, loaded):
     assert complete(client, PROMPTS[0], 10, stream=True) == expected.text
 
 
+def test_streamed_usage_comes_last_when_asked(client):
+    body = {"prompt": "x", "max_tokens": 3, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        chunks = sse_payloads(response)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
 def test_chat_completions_use_the_template_streaming_and_not(client, loaded):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     rendered = "System: Be brief.\n\nUser: Hi\n\nAssistant:"
