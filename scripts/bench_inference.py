@@ -202,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the compiled decode")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-server", action="store_true", help="skip the server throughput")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = (args.models or ("bench" if args.quick else "bench,200m")).split(",")
     new_tokens = args.new_tokens or (16 if args.quick else 48)
     torch.manual_seed(0)
