@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 
 from arbor_titan.config.loader import ConfigError, parse_cli_value
-from plugins.growth import Growth
-from plugins.growth.checkpoint import grow_checkpoint
+from arbor_titan.growth import Growth
+from arbor_titan.growth.checkpoint import grow_checkpoint
 
 
 def parse_param(text: str) -> tuple[str, object]:

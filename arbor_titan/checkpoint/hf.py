@@ -145,14 +145,10 @@ def args_from_hf_config(config: dict, path: Path) -> ArborArgs:
             rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
             tie_embeddings=config.get("tie_word_embeddings", False),
             max_seq_len=config.get("max_position_embeddings", 2048),
+            head_dim=config.get("head_dim") or 0,
         )
     except KeyError as err:
         raise ConversionError(f"{path}: missing {err.args[0]!r}") from err
-    if config.get("head_dim") not in (None, args.head_dim):
-        raise ConversionError(
-            f"{path}: head_dim={config['head_dim']} is not hidden_size/num_attention_heads="
-            f"{args.head_dim}; Arbor derives head_dim from them"
-        )
     try:
         args.validate()
     except ValueError as err:

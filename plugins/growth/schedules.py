@@ -1,52 +1,14 @@
-"""Growth schedules (`growth_schedule` plugins): after each optimizer step, is the next stage due?
-
-The trainer calls `observe(step, loss)`, then `due(step)`; when that returns a stage index it
-applies that stage and calls `mark_applied()`. The schedule's `state_dict` belongs in every
-checkpoint so a resumed run neither repeats nor skips a stage.
-"""
+"""The built-in growth schedules: `fixed` (the TOML's steps) and `loss_plateau`."""
 
 import math
-from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
 from arbor_titan.config.fields import option
+from arbor_titan.growth.config import GrowthStage
+from arbor_titan.growth.operator import ParamError
+from arbor_titan.growth.schedule import GrowthSchedule
 from arbor_titan.registry import register
-from plugins.growth.config import GrowthStage
-from plugins.growth.operator import NoParams, ParamError
-
-
-class GrowthSchedule(ABC):
-    """Subclass, set `Params`, implement `due`; `@register("growth_schedule", name)` it."""
-
-    Params: ClassVar[type] = NoParams
-
-    def __init__(self, stages: list[GrowthStage], params: Any):
-        self.stages = list(stages)
-        self.params = params
-        self.applied = 0
-
-    @property
-    def next_stage(self) -> GrowthStage | None:
-        return self.stages[self.applied] if self.applied < len(self.stages) else None
-
-    def observe(self, step: int, loss: float) -> None:  # noqa: B027 - optional hook
-        """Record the training loss of optimizer step `step` (ignored by default)."""
-
-    @abstractmethod
-    def due(self, step: int) -> int | None:
-        """The index of the stage to apply right after `step`, or None."""
-
-    def mark_applied(self) -> None:
-        """The stage that `due` returned has been applied."""
-        self.applied += 1
-
-    def state_dict(self) -> dict:
-        return {"applied": self.applied}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.applied = int(state["applied"])
 
 
 @register("growth_schedule", "fixed")

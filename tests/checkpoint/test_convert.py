@@ -225,7 +225,6 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, tie):
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
         ({"model_type": "mistral"}, "mistral"),
-        ({"head_dim": 32}, "head_dim"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
     ],
 )
@@ -238,6 +237,14 @@ def test_unsupported_hf_configs_are_refused(change, named, tmp_path):
     with pytest.raises(ConversionError, match=named) as err:
         args_from_hf_config(config | change, tmp_path / "config.json")
     assert str(tmp_path / "config.json") in str(err.value)
+
+
+def test_explicit_head_dim_is_carried_over(tmp_path):
+    config = {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, "head_dim": 32,
+    }  # fmt: skip
+    assert args_from_hf_config(config, tmp_path).head_dim == 32
 
 
 def test_unknown_missing_and_misshapen_keys_are_named(checkpoints, tmp_path):

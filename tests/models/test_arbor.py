@@ -47,7 +47,7 @@ def test_named_flavor_sizes():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"n_heads": 5}, "n_heads=5 must divide dim=128"),
+        ({"n_heads": 5, "head_dim": 0}, "n_heads=5 must divide dim=128"),
         ({"n_kv_heads": 3}, "n_kv_heads=3 must divide n_heads=4"),
         ({"dim": 0}, "dim must be positive"),
     ],

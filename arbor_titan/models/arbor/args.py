@@ -30,21 +30,27 @@ class ArborArgs:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     max_seq_len: int = 4096
+    # Explicit so width growth (add_heads, widen_hidden) can keep it fixed while dim or n_heads
+    # change; 0 means dim // n_heads, resolved on construction.
+    head_dim: int = 0
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self) -> None:
+        # Resolved here so the stored value survives `dataclasses.replace` and model_args.json.
+        if self.head_dim == 0 and self.n_heads > 0 and self.dim % self.n_heads == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
 
     def validate(self) -> None:
         """Fail before anything is built when the dims can't form a model."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.head_dim == 0:
             raise ValueError(
                 f"model n_heads={self.n_heads} must divide dim={self.dim} "
-                f"(head_dim would be {self.dim / self.n_heads:g})"
+                f"(head_dim would be {self.dim / self.n_heads:g}); or set head_dim explicitly"
             )
+        if self.head_dim < 0:
+            raise ValueError(f"model head_dim must be positive, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"model n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "

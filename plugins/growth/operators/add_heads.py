@@ -10,16 +10,16 @@ from dataclasses import dataclass
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
     replace_args,
     split_layer_name,
 )
-from plugins.growth.values import READ, WRITE, Values
+from arbor_titan.growth.values import READ, WRITE, Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 WQ, WK, WV, WO = (f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo"))
 

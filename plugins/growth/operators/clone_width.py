@@ -21,9 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
@@ -31,7 +29,9 @@ from plugins.growth.operator import (
     split_layer_name,
     unknown_tensor,
 )
-from plugins.growth.values import Values
+from arbor_titan.growth.values import Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
 WO, W1, W3, W2 = (

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
@@ -18,7 +16,9 @@ from plugins.growth.operator import (
     role_of,
     split_layer_name,
 )
-from plugins.growth.values import WRITE, Values
+from arbor_titan.growth.values import WRITE, Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 INITS = ("copy", "fresh")
 

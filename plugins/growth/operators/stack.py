@@ -11,9 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
@@ -21,7 +19,9 @@ from plugins.growth.operator import (
     replace_args,
     split_layer_name,
 )
-from plugins.growth.values import Values
+from arbor_titan.growth.values import Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 
 @dataclass

@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
     replace_args,
     split_layer_name,
 )
-from plugins.growth.values import READ, WRITE, Values
+from arbor_titan.growth.values import READ, WRITE, Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 MODES = ("zero", "split")
 W1, W3, W2 = "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight"

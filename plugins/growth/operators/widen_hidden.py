@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth.operator import (
+from arbor_titan.growth.operator import (
     GrowthContext,
     GrowthOperator,
     ParamError,
@@ -27,7 +25,9 @@ from plugins.growth.operator import (
     split_layer_name,
     unknown_tensor,
 )
-from plugins.growth.values import GAIN, READ, WRITE, Values
+from arbor_titan.growth.values import GAIN, READ, WRITE, Values
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 EMBEDDING, OUTPUT, FINAL_NORM = "tok_embeddings.weight", "output.weight", "norm.weight"
 

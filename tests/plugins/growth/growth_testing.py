@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from arbor_titan.growth import Growth
 from arbor_titan.models.arbor import ArborArgs, Transformer
-from plugins.growth import Growth
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from growth_testing import TINY, batch, random_model
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from arbor_titan.checkpoint.stateful import ModelState, OptimizerState
+from arbor_titan.growth import Growth
 from arbor_titan.models.arbor import Transformer
 from arbor_titan.models.arbor.args import args_to_dict
 from arbor_titan.optim import build_optimizer
 from arbor_titan.optim.config import OptimizerConfig
-from plugins.growth import Growth
 
 SCRIPT = Path(__file__).parents[3] / "scripts" / "grow_checkpoint.py"
 PARAMS = ["--op", "clone_width", "--param", "factor=2", "--param", "snr_db=20", "--seed", "3"]

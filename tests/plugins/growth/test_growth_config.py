@@ -9,8 +9,8 @@ from growth_testing import TINY
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError, build, to_toml
+from arbor_titan.growth import Growth, GrowthConfig, build_schedule, plan_growth
 from arbor_titan.models.arbor import ArborArgs
-from plugins.growth import Growth, GrowthConfig, build_schedule, plan_growth
 
 BUILT_IN = ["add_heads", "clone_width", "deepen", "stack", "widen_ffn", "widen_hidden"]
 

@@ -12,7 +12,7 @@ CHECK = """
 import torch
 from arbor_titan import registry
 from arbor_titan.models.arbor import ArborArgs, Transformer
-from plugins.growth import Growth
+from arbor_titan.growth import Growth
 
 registry.load_plugins()  # entry points only: nothing names the example's module
 print(registry.get("growth_operator", "deepen_last").__name__)

@@ -12,7 +12,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from plugins.growth import Growth
+from arbor_titan.growth import Growth
 
 TIED = dataclasses.replace(TINY, tie_embeddings=True)
 LR, BETAS = 1e-3, (0.9, 0.95)

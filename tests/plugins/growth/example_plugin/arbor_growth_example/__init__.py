@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from arbor_titan.config.fields import option
-from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.registry import register
-from plugins.growth import (
+from arbor_titan.growth import (
     WRITE,
     GrowthContext,
     GrowthOperator,
@@ -25,6 +23,8 @@ from plugins.growth import (
     role_of,
     split_layer_name,
 )
+from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.registry import register
 
 
 @dataclass

@@ -15,11 +15,11 @@ from torch.distributed.tensor import DTensor
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.growth.operator import GrowthContext, GrowthError, GrowthOperator, ParamError
+from arbor_titan.growth.params import parse_params
+from arbor_titan.growth.values import AgeValues, MomentValues, WeightValues
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
-from plugins.growth.operator import GrowthContext, GrowthError, GrowthOperator, ParamError
-from plugins.growth.params import parse_params
-from plugins.growth.values import AgeValues, MomentValues, WeightValues
 
 # Adam's state entries that are moments of the gradient, with the power of the gradient they hold.
 MOMENT_POWERS = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}

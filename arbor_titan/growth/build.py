@@ -3,12 +3,12 @@ step 0, the `Growth` of every stage (each built on the args the previous stage p
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.growth.apply import Growth
+from arbor_titan.growth.config import GrowthConfig
+from arbor_titan.growth.operator import ParamError
+from arbor_titan.growth.params import parse_params
+from arbor_titan.growth.schedule import GrowthSchedule
 from arbor_titan.models.arbor.args import ArborArgs
-from plugins.growth.apply import Growth
-from plugins.growth.config import GrowthConfig
-from plugins.growth.operator import ParamError
-from plugins.growth.params import parse_params
-from plugins.growth.schedules import GrowthSchedule
 
 
 def build_schedule(cfg: GrowthConfig) -> GrowthSchedule:

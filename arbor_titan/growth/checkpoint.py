@@ -19,8 +19,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
+from arbor_titan.growth.apply import Growth
 from arbor_titan.models.arbor.args import ArborArgs, args_to_dict
-from plugins.growth.apply import Growth
 
 MODEL, STATE, GROUPS = "model.", "optimizer.state.", "optimizer.param_groups."
 MODEL_ARGS_FILE = "model_args.json"

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from arbor_titan.growth.values import GAIN, READ, WRITE, Values
 from arbor_titan.models.arbor.args import ArborArgs
-from plugins.growth.values import GAIN, READ, WRITE, Values
 
 LAYER_NAME = re.compile(r"^layers\.(\d+)\.(.+)$")
 WRITERS = ("attention.wo.weight", "feed_forward.w2.weight")
