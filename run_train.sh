@@ -14,6 +14,15 @@ if [ $# -gt 0 ] && [[ "$1" != --* ]]; then
     shift
 fi
 
+if [ "${DRY_RUN:-0}" = "1" ]; then
+    # Plan the config on this CPU instead of training; NGPU/NNODES, when set, give the world.
+    world=()
+    if [ -n "${NGPU:-}${NNODES:-}" ]; then
+        world=(--world-size="$(( ${NGPU:-1} * ${NNODES:-1} ))")
+    fi
+    exec "${ARBOR_PYTHON}" -m arbor_titan.estimate "${CONFIG}" ${world[@]+"${world[@]}"} "$@"
+fi
+
 NGPU="${NGPU:-1}"
 NNODES="${NNODES:-1}"
 export LOG_RANK="${LOG_RANK:-0}"

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(cfg))
             return 0
         from arbor_titan.checkpoint.manager import CheckpointManager
+        from arbor_titan.growth.callback import GrowthCallback
         from arbor_titan.registry import load_plugins
         from arbor_titan.trainer import Trainer, Validation
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         callbacks = [Validation()] if cfg.validation.enable else []
         if cfg.checkpoint.enable:
             callbacks.append(CheckpointManager(cfg.checkpoint))
+        if cfg.growth.enable:
+            callbacks.append(GrowthCallback(cfg.growth))
         trainer = Trainer(cfg, callbacks)
         trainer.train()
     except (ConfigError, CheckpointError, PluginError, ValueError, FileNotFoundError) as err:

@@ -7,6 +7,7 @@ Everything optional (validation, checkpoints, growth, context schedules) arrives
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from arbor_titan.distributed.reductions import (
     replicated_value,
 )
 from arbor_titan.metrics import MetricLogger, flops_per_token, memory_gib, mfu, peak_flops
+from arbor_titan.models.arbor import ArborArgs, resolve_args
 from arbor_titan.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("arbor_titan")
@@ -73,6 +75,7 @@ class Trainer:
         # Extra `Stateful` objects that plugins add to every checkpoint (growth, context, ...).
         self.checkpoint_extras: dict[str, object] = {}
         self.stop_requested = False
+        self.checkpointer: Callback | None = None  # the CheckpointManager, when enabled
         if self.proc.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
@@ -80,8 +83,7 @@ class Trainer:
 
         self._build_data()
         self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+        self._build_optimizer()
         self._build_metrics()
 
     # -- building, in order: data (the tokenizer fixes the vocabulary), model, optimizer, metrics
@@ -113,9 +115,13 @@ class Trainer:
                 self.data, "val", seq_len, batch, dp_rank, dp_world, cfg.training.seed
             )
 
-    def _build_model(self) -> None:
+    def _build_model(self, args: ArborArgs | None = None) -> None:
         cfg, dims = self.cfg, self.dims
-        built = build_model(cfg, dims, self.tokenizer.vocab_size, self.loss_fn, self.proc.device)
+        if args is None:
+            args = resolve_args(cfg.model, self.tokenizer.vocab_size, cfg.training.seq_len)
+            for callback in self.callbacks:
+                args = callback.on_model_args(self, args)
+        built = build_model(cfg, dims, args, self.loss_fn, self.proc.device)
         self.model_args, self.model, self.pipeline = built.args, built.model, built.pipeline
         self.num_params, self.num_embedding_params = built.num_params, built.num_embedding_params
         args = built.args
@@ -137,6 +143,23 @@ class Trainer:
         )
         self.compute_dtype = DTYPES[cfg.training.mixed_precision_param]
 
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, cfg.lr_scheduler, cfg.training.steps)
+
+    def rebuild_model(self, args: ArborArgs) -> None:
+        """Replace the model (e.g. grown) on the same mesh, with a fresh optimizer whose learning
+        rate schedule continues where it was; the caller loads weights and optimizer state."""
+        schedule_state = self.lr_scheduler.state_dict()
+        del self.model, self.pipeline, self.optimizer, self.lr_scheduler
+        if self.cfg.compile.enable:
+            torch._dynamo.reset()  # graphs were specialized to the old shapes
+        self._build_model(args)
+        self._build_optimizer()
+        self.lr_scheduler.load_state_dict(schedule_state)
+        self.flops_per_token = self._flops_per_token()
+
     @property
     def loss_fn(self):
         if not hasattr(self, "_loss_fn"):
@@ -148,20 +171,24 @@ class Trainer:
         return self._loss_fn
 
     def _build_metrics(self) -> None:
-        cfg, args = self.cfg, self.model_args
+        cfg = self.cfg
         self.metrics = MetricLogger(cfg.metrics, self.run_dir, enabled=self.proc.is_main)
         self.metrics.log_text("config", to_toml(cfg))
-        self.flops_per_token = flops_per_token(
+        self.flops_per_token = self._flops_per_token()
+        self.peak = peak_flops(self.proc.device, self.compute_dtype)
+        logger.info(
+            "MFU peak: %.1f TFLOP/s per device (%s)", self.peak.flops / 1e12, self.peak.source
+        )
+
+    def _flops_per_token(self) -> int:
+        args = self.model_args
+        return flops_per_token(
             self.num_params,
             self.num_embedding_params,
             args.n_layers,
             args.n_heads,
             args.head_dim,
-            cfg.training.seq_len,
-        )
-        self.peak = peak_flops(self.proc.device, self.compute_dtype)
-        logger.info(
-            "MFU peak: %.1f TFLOP/s per device (%s)", self.peak.flops / 1e12, self.peak.source
+            self.cfg.training.seq_len,
         )
 
     # -- the step
@@ -196,11 +223,15 @@ class Trainer:
         self.lr_scheduler.step()
         return total_loss, grad_norm
 
-    @torch.no_grad()
     def validation_loss(self) -> float:
+        return self.evaluate(self.val_loader.val_batches(self.cfg.validation.steps))
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over `batches` (no gradients), reduced over the data-parallel ranks."""
         self.model.eval()
         losses = []
-        for inputs, labels in self.val_loader.val_batches(self.cfg.validation.steps):
+        for inputs, labels in batches:
             inputs, labels = inputs.to(self.proc.device), labels.to(self.proc.device)
             with self.forward_context():
                 if self.pipeline is not None:
@@ -236,6 +267,7 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step()
+                self.last_loss = loss
                 window_seconds += time.perf_counter() - step_start
                 window_steps += 1
                 self.state.step += 1

@@ -14,6 +14,7 @@
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -229,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth = measure_bandwidth((256 if args.quick else 1024) * 2**20)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {new_tokens} decode steps per run",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; {new_tokens} decode steps per run, best of {rounds}",
         flush=True,
     )
     rows: list[Row] = []

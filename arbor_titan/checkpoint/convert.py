@@ -18,7 +18,6 @@ folder must come from someone you trust, like any training checkpoint.
 """
 
 import io
-import json
 import os
 import shutil
 import warnings
@@ -34,9 +33,15 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItem
 
-from arbor_titan.checkpoint.folders import find_damage
-from arbor_titan.checkpoint.manager import CONFIG_FILE, MODEL_ARGS_FILE, TOKENIZER_FILE
-from arbor_titan.models.arbor.args import ArborArgs, args_to_dict
+from arbor_titan.checkpoint import folders
+from arbor_titan.checkpoint.folders import (
+    CONFIG_FILE,
+    MODEL_ARGS_FILE,
+    TOKENIZER_FILE,
+    find_damage,
+    write_model_args,
+)
+from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 
 MODEL_PREFIX = "model."
@@ -68,19 +73,11 @@ class TensorProgress:
 
 
 def read_model_args(path: Path) -> ArborArgs:
-    """ArborArgs from a `model_args.json` file (as the checkpoint manager writes it)."""
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing (the model's shape is needed to check weights)")
+    """ArborArgs from a `model_args.json` file, as a conversion error when it's unusable."""
     try:
-        args = ArborArgs(**json.loads(path.read_text()))
-        args.validate()
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise ConversionError(f"{path}: not valid model args ({err})") from err
-    return args
-
-
-def write_model_args(args: ArborArgs, folder: Path) -> None:
-    (folder / MODEL_ARGS_FILE).write_text(json.dumps(args_to_dict(args), indent=2))
+        return folders.read_model_args(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConversionError(str(err)) from err
 
 
 def expected_shapes(args: ArborArgs) -> dict[str, torch.Size]:

@@ -5,6 +5,7 @@ Ranks write into `.step-N.tmp/`; only when every rank has finished does rank 0 r
 is removed at the next start.
 """
 
+import json
 import os
 import re
 import shutil
@@ -12,7 +13,32 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from arbor_titan.models.arbor.args import ArborArgs, args_to_dict
+
 STEP_FOLDER = re.compile(r"^step-(\d+)$")
+# Plain files beside the DCP shards: what a reader needs without the run folder.
+CONFIG_FILE = "config.toml"
+MODEL_ARGS_FILE = "model_args.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def read_model_args(path: Path) -> ArborArgs:
+    """The model args a checkpoint was saved with: its folder's `model_args.json`, or that file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_ARGS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; cannot tell the checkpoint's model shape")
+    try:
+        args = ArborArgs(**json.loads(path.read_text()))
+        args.validate()
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not valid model args ({err})") from err
+    return args
+
+
+def write_model_args(args: ArborArgs, folder: Path) -> None:
+    (Path(folder) / MODEL_ARGS_FILE).write_text(json.dumps(args_to_dict(args), indent=2))
 
 
 def step_folder(root: Path, step: int) -> Path:

@@ -34,7 +34,7 @@ from arbor_titan.checkpoint.convert import (
     some_names,
     write_model_args,
 )
-from arbor_titan.checkpoint.manager import TOKENIZER_FILE
+from arbor_titan.checkpoint.folders import TOKENIZER_FILE
 from arbor_titan.models.arbor.args import ArborArgs
 
 CONFIG_JSON = "config.json"

@@ -1,10 +1,10 @@
 """Saving and resuming a run: a `Callback` that owns the checkpoint folder of one job."""
 
-import json
 import logging
 import shutil
 import signal
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,27 +16,27 @@ from torch.distributed.checkpoint import FileSystemReader
 from arbor_titan.callbacks import Callback
 from arbor_titan.checkpoint.config import CheckpointConfig
 from arbor_titan.checkpoint.folders import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
     complete_checkpoints,
     find_damage,
     prune,
     publish,
+    read_model_args,
     remove_stale_temp_folders,
     step_folder,
     temp_folder,
+    write_model_args,
 )
 from arbor_titan.checkpoint.stateful import ModelState, OptimizerState, RNGState
 from arbor_titan.config.loader import to_toml
 from arbor_titan.distributed.init import barrier
-from arbor_titan.models.arbor.args import args_to_dict
+from arbor_titan.models.arbor.args import ArborArgs
 
 if TYPE_CHECKING:
     from arbor_titan.trainer import Trainer
 
 logger = logging.getLogger("arbor_titan")
-
-CONFIG_FILE = "config.toml"
-MODEL_ARGS_FILE = "model_args.json"
-TOKENIZER_FILE = "tokenizer.model"
 
 
 class CheckpointError(RuntimeError):
@@ -73,18 +73,28 @@ class CheckpointManager(Callback):
         )
         self._stop_signal = False
         self.root: Path | None = None
+        self.last_saved_step: int | None = None
         self.loaded_from: Path | None = None
 
     # -- hooks
 
+    def on_model_args(self, trainer: "Trainer", args: ArborArgs) -> ArborArgs:
+        """The shape of the checkpoint to resume from (a grown model), at this run's length."""
+        folder = self._resume_folder(trainer)
+        if folder is None:
+            return args
+        saved = replace(read_model_args(folder), max_seq_len=args.max_seq_len)
+        if saved != args:
+            logger.info("building the model with the shape saved in %s: %s", folder, saved)
+        return saved
+
     def on_train_start(self, trainer: "Trainer") -> None:
-        self.root = trainer.run_dir / self.cfg.folder
-        if trainer.proc.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in remove_stale_temp_folders(self.root):
-                logger.warning("removed incomplete checkpoint %s (a save was interrupted)", stale)
-        barrier()
-        self._resume(trainer)
+        trainer.checkpointer = self
+        folder = self._resume_folder(trainer)
+        if folder is not None:
+            self._load(trainer, folder)
+        elif self.cfg.initial_load_path:
+            self._load_initial_weights(trainer, Path(self.cfg.initial_load_path))
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_step_end(self, trainer: "Trainer") -> None:
@@ -108,6 +118,7 @@ class CheckpointManager(Callback):
     def save(self, trainer: "Trainer", weights_only: bool = False) -> None:
         self.wait()
         step = trainer.state.step
+        self.last_saved_step = step
         temp, final = temp_folder(self.root, step), step_folder(self.root, step)
         states = self._states(trainer)
         if weights_only:
@@ -138,7 +149,7 @@ class CheckpointManager(Callback):
             # config, the model's shape (grown models differ from their flavor) and the
             # tokenizer the run trained.
             (temp / CONFIG_FILE).write_text(self._config_text)
-            (temp / MODEL_ARGS_FILE).write_text(json.dumps(self._model_args, indent=2))
+            write_model_args(self._model_args, temp)
             shutil.copyfile(self._tokenizer_path, temp / TOKENIZER_FILE)
             publish(temp, final)
             for old in prune(self.root, self.cfg.keep_latest_k):
@@ -164,25 +175,34 @@ class CheckpointManager(Callback):
         states.update(trainer.checkpoint_extras)
         # Remembered for _publish, which may run after the trainer moved on (async saves).
         self._config_text = to_toml(trainer.cfg)
-        self._model_args = args_to_dict(trainer.model_args)
+        self._model_args = trainer.model_args
         self._tokenizer_path = trainer.tokenizer.path
         return states
 
     # -- resuming
 
-    def _resume(self, trainer: "Trainer") -> None:
-        folder = _broadcast(self._choose(trainer) if self._is_main() else None)
-        if folder is not None:
-            self._load(trainer, Path(folder))
-            return
-        if self.cfg.initial_load_path:
-            path = Path(self.cfg.initial_load_path)
-            damage = find_damage(path) if path.is_dir() else f"{path}: not a checkpoint folder"
-            if damage:
-                raise CheckpointError(f"checkpoint.initial_load_path: {damage}")
-            dcp.load({"model": ModelState(trainer.model)}, checkpoint_id=str(path))
-            self.loaded_from = path
-            logger.info("initialized model weights from %s", path)
+    def _resume_folder(self, trainer: "Trainer") -> Path | None:
+        """The checkpoint this run resumes from, chosen once by rank 0 for every rank."""
+        if self.root is None:
+            self.root = trainer.run_dir / self.cfg.folder
+            if trainer.proc.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                for stale in remove_stale_temp_folders(self.root):
+                    logger.warning(
+                        "removed incomplete checkpoint %s (a save was interrupted)", stale
+                    )
+            barrier()
+            chosen = _broadcast(self._choose(trainer) if self._is_main() else None)
+            self._resume_from = None if chosen is None else Path(chosen)
+        return self._resume_from
+
+    def _load_initial_weights(self, trainer: "Trainer", path: Path) -> None:
+        damage = find_damage(path) if path.is_dir() else f"{path}: not a checkpoint folder"
+        if damage:
+            raise CheckpointError(f"checkpoint.initial_load_path: {damage}")
+        dcp.load({"model": ModelState(trainer.model)}, checkpoint_id=str(path))
+        self.loaded_from = path
+        logger.info("initialized model weights from %s", path)
 
     def _choose(self, trainer: "Trainer") -> str | None:
         """The folder to resume from: load_step's, or the newest one that isn't damaged."""

@@ -9,6 +9,7 @@ from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointCo
 from arbor_titan.distributed.compile import CompileConfig
 from arbor_titan.distributed.float8 import Float8Config
 from arbor_titan.distributed.parallel_dims import ParallelismConfig
+from arbor_titan.growth.config import GrowthConfig
 from arbor_titan.metrics.config import MetricsConfig
 from arbor_titan.models.arbor.args import ModelConfig
 from arbor_titan.optim.config import LRSchedulerConfig, OptimizerConfig
@@ -87,3 +88,4 @@ class JobConfig:
     float8: Float8Config = field(default_factory=Float8Config)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)

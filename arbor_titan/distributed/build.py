@@ -19,7 +19,7 @@ from arbor_titan.distributed.float8 import convert_to_float8
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import Numerics, parallelize
 from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
-from arbor_titan.models.arbor import ArborArgs, Transformer, count_params, resolve_args
+from arbor_titan.models.arbor import ArborArgs, Transformer, count_params
 
 logger = logging.getLogger("arbor_titan")
 
@@ -39,12 +39,11 @@ class BuiltModel:
 def build_model(
     cfg: JobConfig,
     dims: ParallelDims,
-    vocab_size: int,
+    args: ArborArgs,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     materialize: bool = True,
 ) -> BuiltModel:
-    args = resolve_args(cfg.model, vocab_size, cfg.training.seq_len)
     num_stages = dims.pp * stages_per_rank(cfg.parallelism) if dims.pp > 1 else 1
     dims.validate_model(
         args.n_layers, args.n_heads, args.n_kv_heads, num_stages, args.tie_embeddings

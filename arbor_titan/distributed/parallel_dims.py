@@ -25,6 +25,8 @@ MULTI_STAGE_SCHEDULES = (
     "ZBVZeroBubble",
     "DualPipeV",
 )
+# Launch hint in layout errors: NVIDIA's HGX/DGX nodes carry 8 GPUs.
+GPUS_PER_NODE = 8
 # Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -109,10 +111,18 @@ class ParallelDims:
                 f"parallelism.data_parallel_shard_degree must be >= 1 or -1, got {dp_shard}"
             )
         if others * dp_shard != world_size:
+            needed = others * dp_shard
+            nodes, rest = divmod(needed, GPUS_PER_NODE)
+            launch = (
+                f"{nodes} nodes × {GPUS_PER_NODE} GPUs: NNODES={nodes} NGPU={GPUS_PER_NODE}"
+                if nodes and not rest
+                else f"NGPU={needed}"
+            )
             raise ValueError(
-                f"parallel degrees multiply to {others * dp_shard} ({layout}) but the world size "
-                f"is {world_size}; launch {others * dp_shard} processes or set "
-                "parallelism.data_parallel_shard_degree = -1"
+                f"parallel degrees multiply to {needed} ({layout}): this config needs {needed} "
+                f"ranks ({launch}) but the world size is {world_size}; launch that layout, "
+                "change the degrees or set parallelism.data_parallel_shard_degree = -1. Check a "
+                "layout first with `DRY_RUN=1 ./run_train.sh <config> [--world-size N]`"
             )
         return cls(
             cfg.data_parallel_replicate_degree,

@@ -7,7 +7,6 @@ are neither weights nor optimizer state (train state, lr schedule, data position
 unchanged, so a run can resume from the grown folder.
 """
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,21 +18,13 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
+from arbor_titan.checkpoint.folders import MODEL_ARGS_FILE, read_model_args, write_model_args
 from arbor_titan.growth.apply import Growth
-from arbor_titan.models.arbor.args import ArborArgs, args_to_dict
+from arbor_titan.models.arbor.args import ArborArgs
 
 MODEL, STATE, GROUPS = "model.", "optimizer.state.", "optimizer.param_groups."
-MODEL_ARGS_FILE = "model_args.json"
 # Plain files beside the weights that a grown checkpoint keeps (see CheckpointManager._publish).
 COPIED_FILES = ("config.toml", "tokenizer.model")
-
-
-def read_model_args(folder: Path, args_cls: type = ArborArgs) -> ArborArgs:
-    """The model args a checkpoint was saved with (its `model_args.json`)."""
-    path = folder / MODEL_ARGS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; cannot tell the checkpoint's model shape")
-    return args_cls(**json.loads(path.read_text()))
 
 
 def grow_checkpoint(
@@ -60,7 +51,7 @@ def grow_checkpoint(
         planner=_LazySavePlanner(source),
         no_dist=True,
     )
-    (out / MODEL_ARGS_FILE).write_text(json.dumps(args_to_dict(growth.new_args), indent=2))
+    write_model_args(growth.new_args, out)
     for name in COPIED_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)

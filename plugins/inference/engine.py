@@ -111,11 +111,15 @@ class Engine:
             raise RuntimeError("compile the engine before submitting requests")
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
         compiled = torch.compile(self.forward.decode, fullgraph=True, dynamic=False, mode=mode)
-        zeros = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         start = time.perf_counter()
         try:
+            # Inputs made as `step` makes them (distinct tensors, under inference mode), else the
+            # first real step fails the guards and compiles again.
             with torch.inference_mode():
-                compiled(zeros, zeros)  # writes position 0 of every slot, all free
+                tokens_b, positions_b = (
+                    torch.zeros(self.slots, dtype=torch.long, device=self.device) for _ in "tp"
+                )
+                compiled(tokens_b, positions_b)  # writes position 0 of every slot, all free
         except Exception as err:  # noqa: BLE001 - any compiler failure means: stay eager
             logger.warning("torch.compile of the decode step failed, running eager: %s", err)
             return

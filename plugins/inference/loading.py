@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from arbor_titan.checkpoint.convert import (
-    ConversionError,
-    check_shapes,
-    load_torch_weights,
+from arbor_titan.checkpoint.convert import ConversionError, check_shapes, load_torch_weights
+from arbor_titan.checkpoint.folders import (
+    MODEL_ARGS_FILE,
+    TOKENIZER_FILE,
+    complete_checkpoints,
     read_model_args,
 )
-from arbor_titan.checkpoint.folders import complete_checkpoints
 from arbor_titan.checkpoint.hf import CONFIG_JSON, _read_hf_tensors, args_from_hf_config
-from arbor_titan.checkpoint.manager import MODEL_ARGS_FILE, TOKENIZER_FILE
 from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.args import ArborArgs

@@ -131,9 +131,7 @@ def _generation(
         raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
     if len(stop) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise APIError(400, "seed must be an integer", "seed")
+    seed = _number(body, "seed", None, integer=True, low=0, high=2**63 - 1)  # torch's range
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be a boolean", "stream")
@@ -176,7 +174,7 @@ def _is_int(value: Any) -> bool:
 def _number(
     body: dict,
     name: str,
-    default: float,
+    default: float | None,
     integer: bool = False,
     low: float | None = None,
     high: float | None = None,

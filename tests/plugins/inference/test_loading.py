@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from arbor_titan.checkpoint.convert import ConversionError, dcp_to_torch
+from arbor_titan.checkpoint.convert import dcp_to_torch
 from arbor_titan.checkpoint.hf import dcp_to_hf
 from plugins.inference.loading import load_model, newest_checkpoint
 
@@ -26,7 +26,7 @@ def test_dcp_folder_loads_exact_weights_and_tokenizer(loaded, tiny_model):
 
 def test_consolidated_pt_and_hf_folder_load_the_same_model(tiny_checkpoint, tiny_model, tmp_path):
     dcp_to_torch(tiny_checkpoint, tmp_path / "weights.pt")
-    with pytest.raises(ConversionError, match="model_args.json: missing"):
+    with pytest.raises(FileNotFoundError, match="model_args.json: missing"):
         load_model(tmp_path / "weights.pt")
     from_pt = load_model(tmp_path / "weights.pt", model_args=tiny_checkpoint)
     assert torch.equal(logits(from_pt.model), logits(tiny_model))

@@ -132,6 +132,7 @@ WRONG_KEY = {"Authorization": "Bearer wrong"}
         ({"json": {"max_tokens": 5}}, 400, "prompt", "missing_required_parameter"),
         ({"json": {"prompt": "x", "max_tokens": -1}}, 400, "max_tokens", None),
         ({"json": {"prompt": "x", "temperature": "hot"}}, 400, "temperature", None),
+        ({"json": {"prompt": "x", "seed": 2**70}}, 400, "seed", None),
         ({"json": {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}}, 400, "stop", None),
         ({"json": {"prompt": "x" * 80, "max_tokens": 60}}, 400, "prompt", TOO_LONG),
         ({"json": {"prompt": [1, 9999]}}, 400, "prompt", None),

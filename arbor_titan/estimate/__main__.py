@@ -1,0 +1,96 @@
+"""`python -m arbor_titan.estimate CONFIG.toml [--section.key=value ...] [planner options]`.
+
+Exits 0 when every simulated rank fits, 1 when one does not, 2 on a config or layout error.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+# The plan never touches a GPU; hiding them keeps the fake process group's device mesh on CPU
+# even on a training node (set before torch is imported).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from arbor_titan.config.cli import load_config  # noqa: E402
+from arbor_titan.config.loader import ConfigError  # noqa: E402
+from arbor_titan.estimate import (  # noqa: E402
+    EstimateOptions,
+    MemoryOptions,
+    format_plan,
+    plan,
+    plan_json,
+)
+from arbor_titan.estimate.throughput import DEFAULT_GPU  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m arbor_titan.estimate",
+        description="Plan a training config on one CPU: per-rank shards, memory and step cost. "
+        "Any --section.key=value overrides the config as in training.",
+    )
+    parser.add_argument("config", help="the TOML config to plan")
+    parser.add_argument("--json", metavar="OUT.json", help="also write the plan as JSON")
+    parser.add_argument("--world-size", type=int, help="ranks (NGPU × NNODES) when dp_shard=-1")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="per-GPU capacity")
+    parser.add_argument(
+        "--reserve-gib", type=float, default=4.0, help="CUDA context, NCCL, fragmentation"
+    )
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help="GPU whose peak sets the step time")
+    parser.add_argument("--peak-tflops", type=float, help="per-GPU peak, instead of --gpu's")
+    parser.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the step time")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="kernels to count for"
+    )
+    parser.add_argument("--ranks", default="sample", help="sample, all, or e.g. 0,7,511")
+    parser.add_argument("--vocab-size", type=int, help="instead of the tokenizer file or flavor")
+    return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(planner arguments, config overrides): overrides are the --section.key options."""
+    ours, overrides = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "." in name:
+            takes_next = "=" not in arg and index + 1 < len(argv)
+            takes_next = takes_next and not argv[index + 1].startswith("--")
+            overrides += argv[index : index + 1 + takes_next]
+            index += 1 + takes_next
+        else:
+            ours.append(arg)
+            index += 1
+    return ours, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, overrides = split_overrides(argv)
+    args = _parser().parse_args(ours)
+    options = EstimateOptions(
+        world_size=args.world_size,
+        memory=MemoryOptions(args.gpu_memory_gib, args.reserve_gib, args.device),
+        gpu=args.gpu,
+        peak_tflops=args.peak_tflops,
+        assumed_mfu=args.mfu,
+        ranks=args.ranks,
+        vocab_size=args.vocab_size,
+    )
+    try:
+        cfg = load_config(args.config, overrides)
+        result = plan(cfg, options)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(result, args.config))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(plan_json(result, args.config), out, indent=1)
+    return 0 if result.fits and result.params_add_up else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Activation memory: the bytes autograd keeps for backward, per block and micro-batch, as PyTorch
+2.13's eager kernels keep them for the Arbor block, and how many micro-batches a pipeline
+schedule keeps alive at once.
+
+Every term below names the tensors it counts. They were read off the saved-tensor hooks of the
+real block (tests/estimate/test_memory_accuracy.py checks the totals against a measurement):
+
+- RMSNorm: CUDA has a fused kernel that saves its input and the fp32 1/rms per token; elsewhere
+  the composite saves an fp32 copy of the input, the fp32 normalized value and 1/rms.
+- A linear saves its input. Under FSDP mixed precision the inputs already are bf16 and wq/wk/wv
+  share one; under autocast every consumer casts its own copy (3 in attention, 2 in the FFN).
+- Attention (flash/efficient SDPA) saves q, k, v, its output and an fp32 log-sum-exp per head.
+- SwiGLU saves w1's and w3's outputs, silu(w1 x) and their product (w2's input).
+- Loss: log_softmax keeps fp32 log-probabilities (vocab-sharded under loss parallel).
+
+torch.compile only removes saved tensors (its partitioner recomputes cheap pointwise ops), so
+for compiled blocks these eager figures are an upper bound.
+"""
+
+from collections import Counter
+from dataclasses import dataclass
+
+from arbor_titan.models.arbor import ArborArgs
+
+FP32 = 4
+INDEX_BYTES = 8  # token ids and targets are int64
+
+
+@dataclass(frozen=True)
+class ActivationModel:
+    """Saved bytes for one micro-batch on one rank.
+
+    `tokens` is micro-batch × seq_len; `seq_tokens` the part of it this rank holds between blocks
+    (tokens / tp under sequence parallel); `tp` divides heads, FFN width and the vocabulary.
+    """
+
+    args: ArborArgs
+    tokens: int
+    seq_tokens: int
+    tp: int
+    compute_bytes: int  # bf16 2, fp32 4
+    residual_bytes: int  # the residual stream: fp32 under autocast (the embedding isn't cast)
+    autocast: bool  # bf16 without FSDP: autocast, not FSDP mixed precision
+    fused_norm: bool  # CUDA's fused RMSNorm
+    vocab_shards: int  # tp under loss parallel, else 1
+
+    def norm(self, tokens: int) -> int:
+        dim = self.args.dim
+        if self.fused_norm:
+            return tokens * dim * self.residual_bytes + tokens * FP32
+        return 2 * tokens * dim * FP32 + tokens * FP32
+
+    def block(self, mode: str) -> int:
+        """One transformer block; mode is its checkpointing: none, full or op (selective)."""
+        a, t, e = self.args, self.tokens, self.compute_bytes
+        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        block_input = self.seq_tokens * a.dim * self.residual_bytes
+        qkv = t * (q_dim + 2 * kv_dim) * e // self.tp
+        attention_out = t * q_dim * e // self.tp
+        log_sum_exp = t * a.n_heads * FP32 // self.tp
+        ffn_hidden = t * a.ffn_dim * e // self.tp
+        if mode == "full":
+            return block_input
+        if mode == "op":
+            # Checkpoint input, then every matmul output (wo's and w2's are the full-width
+            # partial sums before the TP reduce-scatter) and attention's outputs.
+            matmuls = qkv + 2 * t * a.dim * e + 2 * ffn_hidden
+            return block_input + matmuls + attention_out + log_sum_exp
+        # Gathered over the sequence: every token. autocast casts per consumer (wq, wk, wv, w1,
+        # w3); FSDP mixed precision computes in bf16 already, so wq/wk/wv share one input.
+        linear_inputs = (5 if self.autocast else 2) * t * a.dim * e
+        norms = 2 * self.norm(self.seq_tokens)
+        return norms + linear_inputs + qkv + attention_out + log_sum_exp + 4 * ffn_hidden
+
+    def recompute(self, mode: str) -> int:
+        """What backward re-creates for one checkpointed block, on top of what it kept."""
+        return self.block("none") - self.block(mode)
+
+    def block_backward_working(self, mode: str) -> int:
+        """Recomputed activations plus the SwiGLU's two hidden-width input gradients."""
+        gate_grads = 2 * self.tokens * self.args.ffn_dim * self.compute_bytes // self.tp
+        return self.recompute(mode) + gate_grads
+
+    def embedding(self) -> int:
+        return self.tokens * INDEX_BYTES
+
+    def head(self) -> int:
+        """Final norm, the output projection's input, fp32 log-probabilities and the targets."""
+        log_probs = self.tokens * self.args.vocab_size * FP32 // self.vocab_shards
+        output_input = self.tokens * self.args.dim * self.compute_bytes
+        return self.norm(self.seq_tokens) + output_input + log_probs + self.tokens * INDEX_BYTES
+
+    def loss_backward_working(self) -> int:
+        """log_softmax's backward holds its fp32 input and output gradients at once."""
+        return 2 * self.tokens * self.args.vocab_size * FP32 // self.vocab_shards
+
+    def stage_output(self) -> int:
+        """A pipeline stage keeps each micro-batch's output until its backward."""
+        return self.seq_tokens * self.args.dim * self.residual_bytes
+
+
+def peak_in_flight(
+    actions: list[tuple[str, int]], stage_bytes: dict[int, int]
+) -> tuple[int, dict[int, int]]:
+    """Walk a rank's schedule: a forward (F) adds a micro-batch's activations to its stage, a
+    full (B) or weight (W) backward frees them (an input backward, I, keeps them: the graph is
+    retained for W). Returns the peak bytes and the micro-batches per stage at that peak."""
+    live: Counter[int] = Counter()
+    peak, at_peak = 0, {}
+    for kind, stage in actions:
+        if kind == "F":
+            live[stage] += 1
+        held = sum(count * stage_bytes[s] for s, count in live.items())
+        if held > peak:
+            peak, at_peak = held, {s: c for s, c in live.items() if c}
+        if kind in ("B", "W"):
+            live[stage] -= 1
+    return peak, at_peak
