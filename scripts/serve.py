@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     loop = EngineLoop(engine).start()
     cfg = ServerConfig(model_name=args.model_name or "arbor", api_key=args.api_key)
     logging.info(
-        "serving %s as %r on http://%s:%d (batch %d, context %d tokens)",
+        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, KV cache %.0f MiB)",
         loaded.source,
         cfg.model_name,
         args.host,
         args.port,
         args.max_batch,
         max_len,
+        engine.forward.cache.nbytes / 2**20,
     )
     try:
         uvicorn.run(create_app(loop, cfg), host=args.host, port=args.port, log_level="warning")

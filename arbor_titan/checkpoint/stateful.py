@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -27,6 +28,12 @@ class ModelState(Stateful):
         set_model_state_dict(self.model, state)
 
 
+# Flattened: param-group settings are stored per parameter name too. Unflattened, each group's
+# parameter list is one entry that DCP keeps from rank 0 only — wrong under pipeline parallelism,
+# where ranks hold different parameters.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 class OptimizerState(Stateful):
     """Optimizer state keyed by parameter name, so it reshards like the weights."""
 
@@ -34,10 +41,10 @@ class OptimizerState(Stateful):
         self.model, self.optimizer = model, optimizer
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=FLAT)
 
     def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state)
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=FLAT)
 
 
 class RNGState(Stateful):

@@ -15,7 +15,6 @@ from arbor_titan.estimate.throughput import DEFAULT_GPU, StepCost, gpu_peak, ste
 from arbor_titan.models.arbor import FLAVORS, resolve_args
 
 
-
 @dataclass(frozen=True)
 class EstimateOptions:
     """What the planner assumes beyond the config."""

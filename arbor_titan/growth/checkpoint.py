@@ -87,12 +87,17 @@ class _GrowingSource:
     def _plan(self, key: str) -> dict[str, Any]:
         """Output keys made from source `key`, with meta tensors of their shapes."""
         info = self.metadata[key]
-        if isinstance(info, BytesStorageMetadata):
-            return {key: None}
-        dtype = info.properties.dtype
         param, prefix, state_key = _split(key)
+        if (
+            prefix == GROUPS
+        ):  # a parameter's group settings: every parameter made from it shares them
+            return {
+                f"{GROUPS}{name}{state_key}": _placeholder(info)
+                for name in self.growth.output_shapes(param)
+            }
         if param is None:
-            return {key: torch.empty(info.size, dtype=dtype, device="meta")}
+            return {key: _placeholder(info)}
+        dtype = info.properties.dtype
         shapes = self.growth.output_shapes(param)
         return {
             f"{prefix}{name}{state_key}": torch.empty(
@@ -103,9 +108,11 @@ class _GrowingSource:
 
     def _grow(self, key: str) -> dict[str, Any]:
         value = self._load(key)
-        if key.startswith(GROUPS) and key.endswith(".params"):
-            return {key: self.growth.rename(value)}
         param, prefix, state_key = _split(key)
+        if prefix == GROUPS:
+            return {
+                f"{GROUPS}{name}{state_key}": value for name in self.growth.output_shapes(param)
+            }
         if param is None:
             return {key: value}
         if prefix == MODEL:
@@ -126,13 +133,22 @@ class _GrowingSource:
 
 
 def _split(key: str) -> tuple[str | None, str, str]:
-    """(parameter name, prefix, state suffix) of a weight or optimizer-state key, else None."""
+    """(parameter name, prefix, suffix) of a weight, optimizer-state or (flattened, per
+    parameter) param-group key; (None, "", "") for anything else."""
     if key.startswith(MODEL):
         return key[len(MODEL) :], MODEL, ""
-    if key.startswith(STATE):
-        param, _, state_key = key[len(STATE) :].rpartition(".")
-        return param, STATE, f".{state_key}"
+    for prefix in (STATE, GROUPS):
+        if key.startswith(prefix):
+            param, _, suffix = key[len(prefix) :].rpartition(".")
+            return param, prefix, f".{suffix}"
     return None, "", ""
+
+
+def _placeholder(info: Any) -> Any:
+    """What DCP's planner needs to plan an entry: None for bytes, else a meta tensor."""
+    if isinstance(info, BytesStorageMetadata):
+        return None
+    return torch.empty(info.size, dtype=info.properties.dtype, device="meta")
 
 
 class _LazySavePlanner(DefaultSavePlanner):

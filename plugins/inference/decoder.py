@@ -3,7 +3,9 @@ implementation for the Arbor `Transformer`, reusing the model's own modules and 
 
 The training forward stays cache-free; this file runs the same blocks step by step:
 `prefill` writes one prompt into a cache slot, `decode` advances every slot by one token at its
-own position. Both shapes are fixed per call site, so each compiles separately (STYLE lesson 9).
+own position. The two are separate entry points (STYLE lesson 9): decode has fixed shapes and
+compiles to one graph; prefill changes length with every prompt and spends its time in large
+matmuls that compiling would not speed up, so it runs eager.
 """
 
 from typing import NamedTuple, Protocol

@@ -53,4 +53,5 @@ class StaticKVCache(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(buf.numel() * buf.element_size() for buf in self.buffers())
+        keys, values = self.layer(0)
+        return self.n_layers * (keys.nbytes + values.nbytes)

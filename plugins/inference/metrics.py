@@ -145,7 +145,9 @@ class ServerMetrics:
             LATENCY_BUCKETS,
         )
         self.generated_tokens = Counter("arbor_generated_tokens_total", "Tokens generated.")
-        self.prompt_tokens = Counter("arbor_prompt_tokens_total", "Prompt tokens prefilled.")
+        self.prompt_tokens = Counter(
+            "arbor_prompt_tokens_total", "Prompt tokens of accepted requests."
+        )
 
     def render(self) -> str:
         return render(

@@ -9,7 +9,8 @@ is `name:--section.key=value,...`. Each rank writes OUT_DIR/rank<r>.json with, p
   TorchDispatchMode records a weak reference to the storage of every tensor an op creates during
   the forward; at its end the storages still alive (and not parameters - FSDP2's gathered
   weights are the modules' parameters then) are what autograd, the checkpoint wrappers and the
-  selective-checkpoint cache keep. Each storage counts once, at its current size.
+  selective-checkpoint cache keep. Each storage counts once, at its current size; storages are
+  keyed by their C++ object, not their address, which FSDP2's in-place resizing changes.
 - peak (one rank only): the highest live total of such storages over forward and backward,
   gradients excluded. Under FSDP2 storages are resized in place, so peaks are not tracked there.
 """
@@ -42,7 +43,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def storage_keys(tensors) -> set[int]:
-    return {local(t).untyped_storage().data_ptr() for t in tensors if t is not None}
+    return {local(t).untyped_storage()._cdata for t in tensors if t is not None}
 
 
 class LiveStorages(TorchDispatchMode):
@@ -59,9 +60,9 @@ class LiveStorages(TorchDispatchMode):
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 storage = local(tensor).untyped_storage()
-                ref = self.refs.get(storage.data_ptr())
-                if ref is None or ref() is None:  # a freed address can be reused
-                    self.refs[storage.data_ptr()] = weakref.ref(storage)
+                ref = self.refs.get(storage._cdata)
+                if ref is None or ref() is None:  # a freed storage's memory can be reused
+                    self.refs[storage._cdata] = weakref.ref(storage)
         if self.track_peak:
             self.peak = max(self.peak, self.live_bytes())
         return out
@@ -117,7 +118,9 @@ def main(out_dir: str, cases: list[str]) -> None:
     results = {}
     for case in cases:
         name, _, overrides = case.partition(":")
-        results[name] = measure(overrides.split(",") if overrides else [], proc.world_size, proc.device)
+        results[name] = measure(
+            overrides.split(",") if overrides else [], proc.world_size, proc.device
+        )
     Path(out_dir, f"rank{proc.rank}.json").write_text(json.dumps(results))
     shutdown()
 

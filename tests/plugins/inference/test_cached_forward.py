@@ -99,3 +99,11 @@ def test_rope_scaling_settings_call_the_registered_plugin():
     args.rope_scaling = {"type": "no_such_scaling"}
     with pytest.raises(registry.PluginError, match="no_such_scaling"):
         rope_table(args, 10)
+
+
+def test_cache_holds_kv_heads_only(tiny_model):
+    """GQA: the cache stores n_kv_heads (2), not n_heads (4): half the bytes of full heads."""
+    forward = ArborCachedForward(tiny_model, slots=3, max_len=16)
+    keys, values = forward.cache.layer(0)
+    assert keys.shape == values.shape == (3, 2, 16, 16)
+    assert forward.cache.nbytes == 2 * 2 * 3 * 2 * 16 * 16 * 4  # layers, k+v, slots, kv, len, hd
