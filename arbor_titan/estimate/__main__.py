@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="the TOML config to plan")
     parser.add_argument("--json", metavar="OUT.json", help="also write the plan as JSON")
-    parser.add_argument("--world-size", type=int, help="ranks (NGPU × NNODES) when dp_shard=-1")
+    parser.add_argument(
+        "--world-size", type=int, help="ranks to plan for (NGPU × NNODES); default: the degrees"
+    )
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="per-GPU capacity")
     parser.add_argument(
         "--reserve-gib", type=float, default=4.0, help="CUDA context, NCCL, fragmentation"

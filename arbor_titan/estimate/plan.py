@@ -94,7 +94,10 @@ def plan_vocab(cfg: JobConfig, override: int | None) -> tuple[int, str]:
         from arbor_titan.data.tokenizer import Tokenizer
 
         return Tokenizer(path).vocab_size, f"tokenizer {path}"
-    return FLAVORS[cfg.model.flavor].vocab_size, f"flavor {cfg.model.flavor}"
+    vocab_size, source = FLAVORS[cfg.model.flavor].vocab_size, f"flavor {cfg.model.flavor}"
+    if not cfg.tokenizer.path and cfg.tokenizer.vocab_size != vocab_size:
+        source += f"; a run would train a tokenizer of {cfg.tokenizer.vocab_size}"
+    return vocab_size, source
 
 
 def ranks_to_simulate(option: str, dims: ParallelDims) -> list[int]:

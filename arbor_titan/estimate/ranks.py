@@ -72,14 +72,14 @@ class RankBuild:
     num_embedding_params: int
     stages: list[StageInfo]
     weights: dict[str, WeightShard]
-    local_numel: int
-    local_param_bytes: int
-    local_param_tensors: int
-    stage_numel: int  # unique (global) parameters of this rank's stages
-    autocast_numel: int  # local weights autocast casts to the compute dtype (non-float8 linears)
     units: list[ShardUnit]
+    local_numel: int = 0
+    local_param_bytes: int = 0
+    local_param_tensors: int = 0
+    stage_numel: int = 0  # unique (global) parameters of this rank's stages
+    autocast_numel: int = 0  # local weights autocast casts to the compute dtype (nn.Linear's)
     # The pipeline schedule's actions for this rank, as (type, stage id): F, B, I or W.
-    actions: list[tuple[str, int]] = field(default_factory=list)
+    actions: list[tuple[str, int]] = field(default_factory=lambda: [("F", 0), ("B", 0)])
     microbatches: int = 1
     pipelined: bool = False
 
@@ -138,11 +138,6 @@ def simulate_rank(cfg: JobConfig, rank: int, world_size: int, vocab_size: int) -
             num_embedding_params=built.num_embedding_params,
             stages=stages,
             weights=_weight_shards(built.model),
-            local_numel=0,
-            local_param_bytes=0,
-            local_param_tensors=0,
-            stage_numel=0,
-            autocast_numel=0,
             units=_shard_units(built.model),
         )
         for _, module, _, param in _owners(built.model):
@@ -158,8 +153,6 @@ def simulate_rank(cfg: JobConfig, rank: int, world_size: int, vocab_size: int) -
             build.actions = _schedule_actions(built.pipeline.schedule, coordinate["pp"])
             build.microbatches = built.pipeline.microbatches
             build.pipelined = True
-        else:
-            build.actions = [("F", 0), ("B", 0)]
         return build
 
 

@@ -169,7 +169,8 @@ def _precompute_worker(out_dir: str) -> None:
     model = build_model(cfg, dims, args, cross_entropy_loss, proc.device).model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     (hook,) = float8_callbacks(cfg.float8)
-    weights = [m.weight.to_local() for m in model.modules() if type(m).__name__ == "Float8Linear"]
+    linears = [m for m in model.modules() if type(m).__name__ == "Float8Linear"]
+    assert linears and all(m.weight._local_tensor._precomputed_scale is None for m in linears)
     for _ in range(2):
         tokens = torch.randint(0, 2000, (2, 65))
         loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -178,7 +179,8 @@ def _precompute_worker(out_dir: str) -> None:
         optimizer.zero_grad()
         hook.on_step_end(SimpleNamespace(model=model))
         assert loss.isfinite()
-        assert all(w._precomputed_scale is not None for w in weights)
+        # The hook stores each shard's scale on the local float8-cast weight tensor.
+        assert all(m.weight._local_tensor._precomputed_scale is not None for m in linears)
     Path(out_dir, f"rank{proc.rank}.ok").touch()
     shutdown()
 

@@ -65,6 +65,11 @@ class ArborArgs:
 FLAVORS: dict[str, ArborArgs] = {
     # Trains visibly in well under a minute on a 2-core CPU.
     "debug": ArborArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=2000),
+    # `debug` grown by clone_width ×2 then deepen ×2: the from-scratch arm of
+    # scripts/bench_growth.py, so both arms of that benchmark end in exactly this shape.
+    "growth_large": ArborArgs(
+        dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=768, vocab_size=2000
+    ),
     # The CPU benchmark model: 16.8M parameters with vocab 8000 and an untied output.
     "bench": ArborArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=6, ffn_dim=1024, vocab_size=8000),
     # The research model: Llama-like proportions (head_dim 128, GQA 3:1, FFN 3.25·dim rounded to
