@@ -17,22 +17,12 @@ from arbor_titan.config.cli import load_config
 from arbor_titan.metrics import setup_console_logging
 from arbor_titan.trainer import Trainer
 
-BENCH = [
-    "--model.flavor=bench",
-    "--tokenizer.vocab_size=8000",
-    "--training.seq_len=512",
-    "--training.local_batch_size=8",
-    "--validation.enable=false",
-    "--metrics.enable_tensorboard=false",
-    "--lr_scheduler.warmup_steps=1",
-]
-
 
 def step_times(mode: str, dump_folder: str, steps: int, every: int) -> tuple[list, list]:
     """(plain step seconds, seconds of steps that also started a save) for one async mode."""
     cfg = load_config(
-        "train_configs/debug_model.toml",
-        [*BENCH, f"--job.dump_folder={dump_folder}", f"--job.name={mode}",
+        "train_configs/bench.toml",
+        [f"--job.dump_folder={dump_folder}", f"--job.name={mode}",
          f"--training.steps={steps}"],
     )  # fmt: skip
     manager = CheckpointManager(CheckpointConfig(async_mode=mode, interval=every))

@@ -22,25 +22,15 @@ MODES = {
     "bf16": ["--training.mixed_precision_param=bfloat16"],
     "compiled_bf16": ["--training.mixed_precision_param=bfloat16", "--compile.enable=true"],
 }
-BENCH = [
-    "--model.flavor=bench",
-    "--tokenizer.vocab_size=8000",
-    "--training.seq_len=512",
-    "--training.local_batch_size=8",
-    "--validation.enable=false",
-    "--checkpoint.enable=false",
-    "--metrics.enable_tensorboard=false",
-    "--metrics.enable_jsonl=false",
-    "--lr_scheduler.warmup_steps=1",
-]
 
 
-def time_mode(overrides: list[str], dump_folder: str, steps: int, warmup: int) -> float:
+def time_mode(
+    overrides: list[str], dump_folder: str, steps: int, warmup: int
+) -> tuple[float, Trainer]:
     """Seconds per optimizer step, median of `steps` after `warmup` (compile happens there)."""
     cfg = load_config(
-        "train_configs/debug_model.toml",
+        "train_configs/bench.toml",
         [
-            *BENCH,
             *overrides,
             f"--job.dump_folder={dump_folder}",
             f"--training.steps={steps + warmup}",
