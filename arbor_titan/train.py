@@ -28,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(cfg))
             return 0
         from arbor_titan.checkpoint.manager import CheckpointManager
+        from arbor_titan.distributed.float8 import float8_callbacks
         from arbor_titan.growth.callback import GrowthCallback
         from arbor_titan.registry import load_plugins
         from arbor_titan.trainer import Trainer, Validation
 
         load_plugins(cfg.plugins.modules)
         callbacks = [Validation()] if cfg.validation.enable else []
+        callbacks += float8_callbacks(cfg.float8)
         if cfg.checkpoint.enable:
             callbacks.append(CheckpointManager(cfg.checkpoint))
         if cfg.growth.enable:

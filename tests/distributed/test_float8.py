@@ -121,6 +121,29 @@ def test_float8_loss_tracks_bf16(dump_folder, monkeypatch, nproc, float8):
 
 
 @pytest.mark.slow
+def test_enterprise_recipe_trains_at_small_scale(dump_folder, monkeypatch):
+    """The 200b/400b recipe minus compile: pp 2 (Interleaved1F1B) × FSDP 2 × TP 2, float8 with
+    FSDP float8 all-gather, full activation checkpointing, bf16; 8 processes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_training(
+        dump_folder,
+        "float8_enterprise",
+        "--training.steps=3",
+        "--lr_scheduler.warmup_steps=1",
+        "--parallelism.tensor_parallel_degree=2",
+        "--parallelism.pipeline_parallel_degree=2",
+        "--parallelism.pipeline_parallel_schedule=Interleaved1F1B",
+        "--activation_checkpoint.mode=full",
+        "--training.mixed_precision_param=bfloat16",
+        "--checkpoint.enable=false",
+        *FSDP_FLOAT8,
+        nproc=8,
+    )
+    loss = losses(dump_folder, "float8_enterprise")
+    assert loss[3] < loss[1]
+
+
+@pytest.mark.slow
 def test_precompute_scales_under_fsdp2(tmp_path):
     result = subprocess.run(
         [

@@ -59,7 +59,7 @@ def test_bad_dims_fail_before_building(change, message):
 
 
 def test_unknown_flavor_lists_known():
-    with pytest.raises(ValueError, match="debug, bench"):
+    with pytest.raises(ValueError, match="known: debug, .*bench, .*400b"):
         resolve_args(ModelConfig(flavor="tiny"))
 
 
