@@ -9,7 +9,11 @@
 - server throughput: 8 concurrent requests against the same 8 one at a time.
 
     python scripts/bench_inference.py --quick     # bench model only, fewer tokens (~1 min)
-    python scripts/bench_inference.py             # both models (~5 min on 2 cores)
+    python scripts/bench_inference.py --compile   # both models, eager and compiled (~10 min)
+
+Each measurement is the best of a few runs, alternated between the engines. On a machine shared
+with other work, `--threads 1` avoids OpenMP threads waiting on a busy core (up to 50x slower
+steps, measured), at the price of one core's bandwidth.
 """
 
 import argparse
@@ -129,32 +133,44 @@ class OursDecode:
 
 
 class HFDecode:
-    """transformers `generate` on the same prompts. Its per-token time is the difference of two
-    generations of different lengths (the best of each over the runs), so the prefill cancels."""
+    """transformers `generate` on the same prompts, timed per step by a logits processor: it is
+    called once per new token, so the time between its first and last call is the decode steps
+    alone (the prefill comes before the first call), the engine's `decode_s` counterpart."""
 
     def __init__(self, hf, batch: int, vocab: int, new_tokens: int):
-        self.hf, self.input_ids = hf, torch.tensor(prompts(batch, vocab))
-        self.lengths = (2, new_tokens + 2)
-        self.best = [float("inf"), float("inf")]
+        import transformers
+
+        class StepClock(transformers.LogitsProcessor):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+                self.times.append(time.perf_counter())
+                return scores
+
+        self.hf, self.input_ids, self.new_tokens = (
+            hf,
+            torch.tensor(prompts(batch, vocab)),
+            new_tokens,
+        )
+        self.clock = StepClock()
+        self.best_step_s, self.tokens = float("inf"), []
         self._generate(4)  # warm up
-        self.tokens = []
 
     def _generate(self, n: int) -> torch.Tensor:
+        self.clock.times = []
         with torch.inference_mode():
             return self.hf.generate(
-                self.input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                self.input_ids,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=[self.clock],
             )
 
     def run(self) -> None:
-        for i, n in enumerate(self.lengths):
-            start = time.perf_counter()
-            out = self._generate(n)
-            self.best[i] = min(self.best[i], time.perf_counter() - start)
+        out = self._generate(self.new_tokens)
+        times = self.clock.times
+        self.best_step_s = min(self.best_step_s, (times[-1] - times[0]) / (len(times) - 1))
         self.tokens = out[0, PROMPT_LEN:].tolist()
-
-    @property
-    def best_step_s(self) -> float:
-        return (self.best[1] - self.best[0]) / (self.lengths[1] - self.lengths[0])
 
 
 def hf_model(model: Transformer):

@@ -234,7 +234,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_hf_tensors(folder: Path, args: ArborArgs) -> dict[str, torch.Tensor]:
+def read_hf_tensors(folder: Path, args: ArborArgs) -> dict[str, torch.Tensor]:
     """Every weight under our names, memory-mapped; unknown names are an error."""
     tensors: dict[str, torch.Tensor] = {}
     unknown = []
@@ -268,7 +268,7 @@ def hf_to_dcp(src: Path, out: Path, emit: Emit | None = None) -> None:
     except json.JSONDecodeError as err:
         raise ConversionError(f"{config_path}: not JSON ({err})") from err
     args = args_from_hf_config(config, config_path)
-    tensors = _read_hf_tensors(src, args)
+    tensors = read_hf_tensors(src, args)
     check_shapes({name: t.shape for name, t in tensors.items()}, args, src)
     with new_output(out) as temp:
         save_dcp(tensors, temp, emit)

@@ -25,7 +25,7 @@ from arbor_titan.checkpoint.folders import (
     complete_checkpoints,
     read_model_args,
 )
-from arbor_titan.checkpoint.hf import CONFIG_JSON, _read_hf_tensors, args_from_hf_config
+from arbor_titan.checkpoint.hf import CONFIG_JSON, args_from_hf_config, read_hf_tensors
 from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
@@ -82,7 +82,7 @@ def load_model(
         args_file = path / CONFIG_JSON
         args = args_from_hf_config(json.loads(args_file.read_text()), args_file)
         model = _empty_model(args, device)
-        _fill(model, _read_hf_tensors(path, args), path)
+        _fill(model, read_hf_tensors(path, args), path)
     elif path.is_file():
         args_file = _args_file(model_args, path.parent)
         model = _empty_model(read_model_args(args_file), device)
