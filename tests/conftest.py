@@ -7,8 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Unit tests use tiny tensors, where a second thread costs more than it saves (and on a busy
+# machine far more); the training subprocesses keep their own thread settings.
+torch.set_num_threads(1)
 
 # Small and fast: 200 stdlib files, a vocab-512 tokenizer, the debug model at seq 64.
 FAST_TRAINING = [
