@@ -117,19 +117,20 @@ class Trainer:
 
     def _build_model(self, args: ArborArgs | None = None) -> None:
         cfg, dims = self.cfg, self.dims
+        flavor_args = resolve_args(cfg.model, self.tokenizer.vocab_size, cfg.training.seq_len)
         if args is None:
-            args = resolve_args(cfg.model, self.tokenizer.vocab_size, cfg.training.seq_len)
+            args = flavor_args
             for callback in self.callbacks:
                 args = callback.on_model_args(self, args)
         built = build_model(cfg, dims, args, self.loss_fn, self.proc.device)
         self.model_args, self.model, self.pipeline = built.args, built.model, built.pipeline
         self.num_params, self.num_embedding_params = built.num_params, built.num_embedding_params
-        args = built.args
         logger.info(
-            "model %s/%s: %s parameters (%d layers, dim %d, %d heads, %d kv heads, vocab %d); "
+            "model %s/%s%s: %s parameters (%d layers, dim %d, %d heads, %d kv heads, vocab %d); "
             "layout dp_replicate %d × dp_shard %d × tp %d × pp %d",
             cfg.model.name,
             cfg.model.flavor,
+            "" if args == flavor_args else " grown",
             f"{self.num_params:,}",
             args.n_layers,
             args.dim,

@@ -10,7 +10,7 @@ class ModelConfig:
     """The `[model]` section: which family and flavor, with optional per-key overrides."""
 
     name: str = option("arbor", "Model family; 'arbor' is the Llama-style decoder.")
-    flavor: str = option("debug", "Named size: debug, bench, 799m, 200b, 400b.")
+    flavor: str = option("debug", "Named size: debug, bench, growth_large, 799m, 200b, 400b.")
     norm_eps: float = option(1e-5, "RMSNorm epsilon.")
     rope_theta: float = option(10000.0, "RoPE base frequency.")
     tie_embeddings: bool = option(False, "Share the token embedding with the output projection.")
