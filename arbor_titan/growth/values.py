@@ -99,7 +99,20 @@ class WeightValues(Values):
         return z.to(like.device, like.dtype)
 
 
-class MomentValues(Values):
+class _NewEntriesZero(Values):
+    """Values whose new entries, copies and noise all start at zero (optimizer state, masks)."""
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+    def fresh(self, shape: tuple[int, ...], like: torch.Tensor, role: str) -> torch.Tensor:
+        return like.new_zeros(shape)
+
+    def noise(self, like: torch.Tensor, groups: torch.Tensor, snr_db: float) -> torch.Tensor:
+        return torch.zeros_like(like)
+
+
+class MomentValues(_NewEntriesZero):
     """Adam moments: `power` 1 for exp_avg, 2 for exp_avg_sq."""
 
     def __init__(self, power: int):
@@ -108,30 +121,12 @@ class MomentValues(Values):
     def scaled(self, t: torch.Tensor, weight_scale: Scale, grad_scale: Scale) -> torch.Tensor:
         return t * grad_scale**self.power
 
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(t)
 
-    def fresh(self, shape: tuple[int, ...], like: torch.Tensor, role: str) -> torch.Tensor:
-        return like.new_zeros(shape)
-
-    def noise(self, like: torch.Tensor, groups: torch.Tensor, snr_db: float) -> torch.Tensor:
-        return torch.zeros_like(like)
-
-
-class AgeValues(Values):
+class AgeValues(_NewEntriesZero):
     """Grows a tensor of `True` into the mask of carried entries (False where entries are new)."""
 
     def scaled(self, t: torch.Tensor, weight_scale: Scale, grad_scale: Scale) -> torch.Tensor:
         return t
-
-    def copy(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(t)
-
-    def fresh(self, shape: tuple[int, ...], like: torch.Tensor, role: str) -> torch.Tensor:
-        return like.new_zeros(shape)
-
-    def noise(self, like: torch.Tensor, groups: torch.Tensor, snr_db: float) -> torch.Tensor:
-        return torch.zeros_like(like)
 
 
 def _work_dtype(like: torch.Tensor) -> torch.dtype:

@@ -3,12 +3,14 @@ exact operator, training goes on, and a run killed after growing resumes grown."
 
 import json
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import losses, run_training
+from plugins.inference.loading import load_model
+from tests.conftest import REPO, losses, run_training
 
 CRASH = [sys.executable, str(Path(__file__).parents[1] / "checkpoint" / "crash_train.py")]
 GROWTH = [
@@ -65,3 +67,24 @@ def test_killed_after_growing_resumes_grown(dump_folder):
     assert after[4] == straight[4]
     # Neither stage fires again after the resume.
     assert [e["op"] for e in growth_events(dump_folder, "grow_killed")] == ["deepen", "widen_ffn"]
+
+
+def test_generate_runs_from_a_grown_fsdp_checkpoint(dump_folder):
+    folder = dump_folder / "grow_fsdp2" / "checkpoints" / "step-4"
+    if not folder.exists():
+        run_training(dump_folder, "grow_fsdp2", *GROWTH, *LAYOUTS["fsdp2"][1], nproc=2)
+    loaded = load_model(folder)
+    assert (loaded.args.n_layers, loaded.args.ffn_dim) == (6, 512)  # built at the grown shape
+    command = [
+        sys.executable,
+        str(REPO / "scripts/generate.py"),
+        "--checkpoint",
+        str(folder),
+        "--prompt",
+        "def f(",
+        "--temperature=0",
+        "--max-new-tokens=8",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("def f(") and len(result.stdout) > len("def f(\n")
