@@ -59,17 +59,22 @@ def parallelize(
         apply_fsdp(part, dims, parallelism, numerics)
 
 
-def apply_fsdp(
-    part: nn.Module, dims: ParallelDims, parallelism: ParallelismConfig, numerics: Numerics
-) -> None:
-    """FSDP2 per block and at the part's root; HSDP when the mesh has replicas."""
-    mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.mesh["dp_shard"]
-    reshard = {
+def reshards_after_forward(parallelism: ParallelismConfig, dims: ParallelDims) -> bool:
+    """Whether FSDP2 frees gathered block weights after each forward."""
+    return {
         # Under PP every micro-batch would re-gather the weights; keep them gathered instead.
         "default": dims.pp == 1,
         "always": True,
         "never": False,
     }[parallelism.fsdp_reshard_after_forward]
+
+
+def apply_fsdp(
+    part: nn.Module, dims: ParallelDims, parallelism: ParallelismConfig, numerics: Numerics
+) -> None:
+    """FSDP2 per block and at the part's root; HSDP when the mesh has replicas."""
+    mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.mesh["dp_shard"]
+    reshard = reshards_after_forward(parallelism, dims)
     kwargs = {
         "mesh": mesh,
         "mp_policy": MixedPrecisionPolicy(

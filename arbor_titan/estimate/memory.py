@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from arbor_titan.config.job import JobConfig
 from arbor_titan.distributed.parallel_dims import ParallelDims
+from arbor_titan.distributed.parallelize import reshards_after_forward
 from arbor_titan.estimate.activations import ActivationModel, peak_in_flight
 from arbor_titan.estimate.ranks import RankBuild, ShardUnit
 
@@ -153,10 +154,7 @@ def _fsdp_buffers(
     blocks = [u for u in units if u.name != "root"]
     roots = [u for u in units if u.name == "root"]
     biggest = max(blocks, key=lambda u: u.gathered_numel)
-    # Mirrors apply_fsdp in distributed/parallelize.py.
-    reshard = {"default": dims.pp == 1, "always": True, "never": False}[
-        cfg.parallelism.fsdp_reshard_after_forward
-    ]
+    reshard = reshards_after_forward(cfg.parallelism, dims)
     staging = gathered(biggest)
     if reshard:
         weights = sum(map(gathered, roots)) + 2 * gathered(biggest) + staging

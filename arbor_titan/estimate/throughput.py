@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from arbor_titan.config.job import JobConfig
 from arbor_titan.distributed.parallel_dims import MULTI_STAGE_SCHEDULES, ParallelDims
 from arbor_titan.distributed.pipeline import stages_per_rank
-from arbor_titan.metrics.flops import _GPU_PEAKS, flops_per_token
+from arbor_titan.metrics.flops import GPU_PEAKS, flops_per_token
 from arbor_titan.models.arbor import ArborArgs
 
 DEFAULT_GPU = "H100 SXM"
@@ -36,12 +36,12 @@ class StepCost:
 
 def gpu_peak(name: str, compute_dtype: str) -> tuple[float, str]:
     """Dense peak FLOP/s of a GPU from the metrics table, matched by its label (e.g. 'H200')."""
-    for _, gpu in _GPU_PEAKS:
+    for _, gpu in GPU_PEAKS:
         if name.lower() in gpu.label.lower():
             peak = gpu.bf16 if compute_dtype == "bfloat16" else gpu.tf32
             kind = "bf16" if compute_dtype == "bfloat16" else "tf32"
             return peak, f"{gpu.label} table, {kind} dense"
-    labels = ", ".join(gpu.label for _, gpu in _GPU_PEAKS)
+    labels = ", ".join(gpu.label for _, gpu in GPU_PEAKS)
     raise ValueError(f"--gpu {name!r} matches no known GPU ({labels}); pass --peak-tflops")
 
 

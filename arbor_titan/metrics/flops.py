@@ -23,7 +23,7 @@ class PeakFlops:
 
 
 @dataclass(frozen=True)
-class _GpuPeak:
+class GpuPeak:
     label: str
     bf16: float  # dense tensor-core peaks, i.e. without 2:4 sparsity
     tf32: float
@@ -32,18 +32,18 @@ class _GpuPeak:
 
 # First match wins: every listed substring must occur in torch.cuda.get_device_name().
 # Figures from NVIDIA datasheets; their headline tensor peaks assume 2:4 sparsity, twice these.
-_GPU_PEAKS: tuple[tuple[tuple[str, ...], _GpuPeak], ...] = (
-    (("A100",), _GpuPeak("NVIDIA A100", 312e12, 156e12, 19.5e12)),
-    (("H100", "PCIe"), _GpuPeak("NVIDIA H100 PCIe", 756e12, 378e12, 51e12)),
-    (("H100", "HBM3"), _GpuPeak("NVIDIA H100 SXM", 989.4e12, 494.7e12, 67e12)),
-    (("H200", "NVL"), _GpuPeak("NVIDIA H200 NVL", 835.5e12, 417.5e12, 60e12)),
-    (("H200",), _GpuPeak("NVIDIA H200 SXM", 989.4e12, 494.7e12, 67e12)),
-    (("B200",), _GpuPeak("NVIDIA B200", 2.25e15, 1.125e15, 75e12)),  # HGX B200 sheet / 8
-    (("L40S",), _GpuPeak("NVIDIA L40S", 362.05e12, 183e12, 91.6e12)),
+GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeak], ...] = (
+    (("A100",), GpuPeak("NVIDIA A100", 312e12, 156e12, 19.5e12)),
+    (("H100", "PCIe"), GpuPeak("NVIDIA H100 PCIe", 756e12, 378e12, 51e12)),
+    (("H100", "HBM3"), GpuPeak("NVIDIA H100 SXM", 989.4e12, 494.7e12, 67e12)),
+    (("H200", "NVL"), GpuPeak("NVIDIA H200 NVL", 835.5e12, 417.5e12, 60e12)),
+    (("H200",), GpuPeak("NVIDIA H200 SXM", 989.4e12, 494.7e12, 67e12)),
+    (("B200",), GpuPeak("NVIDIA B200", 2.25e15, 1.125e15, 75e12)),  # HGX B200 sheet / 8
+    (("L40S",), GpuPeak("NVIDIA L40S", 362.05e12, 183e12, 91.6e12)),
     # NVIDIA publishes no separate A10G sheet; these are the A10's (same GA102 board class).
-    (("A10G",), _GpuPeak("NVIDIA A10G", 125e12, 62.5e12, 31.2e12)),
+    (("A10G",), GpuPeak("NVIDIA A10G", 125e12, 62.5e12, 31.2e12)),
     # GeForce figures with FP32 accumulation (what training uses), from the Ada whitepaper.
-    (("RTX 4090",), _GpuPeak("NVIDIA RTX 4090", 165.2e12, 82.6e12, 82.6e12)),
+    (("RTX 4090",), GpuPeak("NVIDIA RTX 4090", 165.2e12, 82.6e12, 82.6e12)),
 )
 
 _CPU_PROBE_SIZE = 2048  # big enough to be compute-bound on a CPU, small enough for ~1 s
@@ -89,13 +89,13 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> PeakFlops:
         raise ValueError(f"no peak FLOP/s for {dtype}; use bfloat16, float16 or float32")
     if device.type == "cuda":
         name = _device_name(device)
-        for needles, gpu in _GPU_PEAKS:
+        for needles, gpu in GPU_PEAKS:
             if all(n in name for n in needles):
                 return _table_peak(gpu, dtype)
     return _probed_peak(device, dtype)
 
 
-def _table_peak(gpu: _GpuPeak, dtype: torch.dtype) -> PeakFlops:
+def _table_peak(gpu: GpuPeak, dtype: torch.dtype) -> PeakFlops:
     if dtype != torch.float32:
         return PeakFlops(gpu.bf16, f"{gpu.label} table, {_short(dtype)} dense")
     if torch.backends.cuda.matmul.fp32_precision == "tf32":
