@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from torch.distributed.checkpoint import FileSystemReader
 
 from tests.conftest import REPO, losses, run_training, train_command
 
@@ -126,3 +127,18 @@ def test_sigterm_saves_then_exits_cleanly(dump_folder):
     saved = checkpoints(dump_folder, "sigterm")
     assert len(saved) == 1 and "SIGTERM: saved step" in output
     assert saved[0] == f"step-{max(losses(dump_folder, 'sigterm'))}"
+
+
+def test_model_weights_only_final_checkpoint(dump_folder):
+    run_training(
+        dump_folder,
+        "weights_only",
+        "--training.steps=4",
+        "--checkpoint.interval=2",
+        "--checkpoint.model_weights_only=true",
+    )
+    folder = dump_folder / "weights_only" / "checkpoints"
+    keys = {name: set(FileSystemReader(folder / name).read_metadata().state_dict_metadata)
+            for name in ("step-2", "step-4")}  # fmt: skip
+    assert any(k.startswith("optimizer.") for k in keys["step-2"])  # resumable
+    assert keys["step-4"] and all(k.startswith("model.") for k in keys["step-4"])  # weights only
