@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from plugins.inference.cli import add_model_arguments, load_from_args
-from plugins.inference.engine import Engine, Request, create_engine
+from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
+from plugins.inference.engine import Engine, Request
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.sampling import SamplingParams
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         params.validate()
+        make_engine = engine_factory(args.engine)
         loaded = load_from_args(args)
     except LOAD_ERRORS as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{loaded.args.max_seq_len}; RoPE is extended to cover them",
             file=sys.stderr,
         )
-    engine = create_engine(loaded.model, tokenizer, len(prompts), max_len, args.compile)
+    engine = make_engine(loaded.model, tokenizer, len(prompts), max_len, args.compile)
     if args.compile:
         print(f"compile: {engine.stats.compile_s:.1f}s (decode step)", file=sys.stderr)
     run(engine, prompts, params)

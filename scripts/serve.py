@@ -13,8 +13,7 @@ import argparse
 import logging
 import sys
 
-from plugins.inference.cli import add_model_arguments, load_from_args
-from plugins.inference.engine import create_engine
+from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.loading import LOAD_ERRORS
 
 
@@ -44,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve.py: error: {err}; install with: pip install -e '.[serve]'", file=sys.stderr)
         return 2
     try:
+        make_engine = engine_factory(args.engine)
         loaded = load_from_args(args)
     except LOAD_ERRORS as err:
         print(f"serve.py: error: {err}", file=sys.stderr)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     max_len = args.max_len or loaded.args.max_seq_len
-    engine = create_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
+    engine = make_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
     if args.compile:
         logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
     loop = EngineLoop(engine).start()

@@ -2,10 +2,13 @@
 which weights to load, in which dtype, on which device."""
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from arbor_titan import registry
 from plugins.inference.loading import DTYPES, LoadedModel, load_model, newest_checkpoint
 
 # Where the README's first training command (./run_train.sh, the debug model) saves.
@@ -27,6 +30,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
     )
+    parser.add_argument(
+        "--engine",
+        default="static_kv",
+        help="inference_engine plugin to generate with (registered engines: "
+        "arbor_titan.registry.names('inference_engine'))",
+    )
+
+
+def engine_factory(name: str) -> Callable[..., Any]:
+    """The `inference_engine` plugin `name`: called as factory(model, tokenizer, slots, max_len,
+    compile)."""
+    return registry.get("inference_engine", name)
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:

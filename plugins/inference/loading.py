@@ -30,11 +30,13 @@ from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
+from arbor_titan.registry import PluginError
 from plugins.inference.rope import rope_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a bad path or file raises; scripts report these as one-line errors.
-LOAD_ERRORS = (OSError, ValueError, ConversionError)
+# What a user's --checkpoint/--engine choice can raise: reported in one line, no traceback.
+LOAD_ERRORS = (OSError, ValueError, ConversionError, PluginError)
 
 
 @dataclass

@@ -99,3 +99,9 @@ def test_loads_a_checkpoint_saved_by_fsdp_x_tp_training(dump_folder):
     assert result.returncode == 0, result.stderr
     assert result.stdout == "def main(" + engine_text(folder, "def main(") + "\n"
     assert "decode: " in result.stderr
+
+
+def test_unknown_engine_lists_the_registered_ones(checkpoint, capsys):
+    argv = ["--checkpoint", str(checkpoint), "--prompt", "x", "--engine", "nope", *GREEDY]
+    assert generate.main(argv) == 2
+    assert "static_kv" in capsys.readouterr().err
