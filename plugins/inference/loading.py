@@ -34,8 +34,7 @@ from arbor_titan.registry import PluginError
 from plugins.inference.rope import rope_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What a bad path or file raises; scripts report these as one-line errors.
-# What a user's --checkpoint/--engine choice can raise: reported in one line, no traceback.
+# What a bad path, file or --engine name raises; scripts report these as one-line errors.
 LOAD_ERRORS = (OSError, ValueError, ConversionError, PluginError)
 
 
