@@ -10,7 +10,7 @@ import sys
 from arbor_titan.checkpoint.manager import CheckpointError
 from arbor_titan.config.cli import parse_cli
 from arbor_titan.config.loader import ConfigError, to_toml
-from arbor_titan.distributed.init import shutdown
+from arbor_titan.distributed.init import barrier, shutdown
 from arbor_titan.metrics.console import setup_console_logging
 from arbor_titan.registry import PluginError
 
@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             callbacks.append(GrowthCallback(cfg.growth))
         trainer = Trainer(cfg, callbacks)
         trainer.train()
+        # Every rank reaches teardown together: a rank that closes its connections while another
+        # still finishes rank-0-only work (last checkpoint, TensorBoard flush) can make gloo abort
+        # that other rank at exit. Only on success: after an error a barrier could wait forever.
+        barrier()
     except (ConfigError, CheckpointError, PluginError, ValueError, FileNotFoundError) as err:
         # User mistakes (config keys, values, paths) get one clear line, not a traceback;
         # ARBOR_TRACEBACK=1 shows where it came from.
