@@ -80,6 +80,11 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
         torch.manual_seed(cfg.training.seed)
+        self.loss_fn = (
+            torch.compile(cross_entropy_loss)
+            if cfg.compile.compiles("loss")
+            else cross_entropy_loss
+        )
 
         self._build_data()
         self._build_model()
@@ -160,16 +165,6 @@ class Trainer:
         self._build_optimizer()
         self.lr_scheduler.load_state_dict(schedule_state)
         self.flops_per_token = self._flops_per_token()
-
-    @property
-    def loss_fn(self):
-        if not hasattr(self, "_loss_fn"):
-            self._loss_fn = (
-                torch.compile(cross_entropy_loss)
-                if self.cfg.compile.compiles("loss")
-                else cross_entropy_loss
-            )
-        return self._loss_fn
 
     def _build_metrics(self) -> None:
         cfg = self.cfg
