@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_titan.models.arbor.model import Attention, FeedForward, Transformer, apply_rope
+from arbor_titan.models.arbor.model import Transformer, TransformerBlock, apply_rope
 from plugins.inference.kv_cache import StaticKVCache
 from plugins.inference.matvec import decode_linear
 from plugins.inference.rope import rope_table
@@ -35,13 +35,23 @@ class CachedForward(Protocol):
         """Write positions 0..S-1 of `slot`; return fp32 logits (vocab,) of the last token."""
         ...
 
-    def decode(self, tokens_b: torch.Tensor, positions_b: torch.Tensor) -> torch.Tensor:
-        """Feed token b at position b of every slot; return fp32 logits (slots, vocab)."""
+    def decode(
+        self, tokens_b: torch.Tensor, positions_b: torch.Tensor, keys_len: int | None = None
+    ) -> torch.Tensor:
+        """Feed token b at position b of every slot; return fp32 logits (slots, vocab).
+        Attention reads the first `keys_len` cache positions (default: all), which must cover
+        every slot's position."""
         ...
 
 
 class ArborCachedForward(nn.Module):
-    """`CachedForward` for an Arbor `Transformer` (whole model on one device)."""
+    """`CachedForward` for an Arbor `Transformer` (whole model on one device).
+
+    Each layer's q/k/v projections and SwiGLU input projections are fused into one matrix each,
+    so a decode step makes 4 matrix products per layer instead of 7 (bigger reads run closer to
+    bandwidth and per-call overhead halves). The model's own `wq`/`wk`/`wv`/`w1`/`w3` weights
+    become row views of the fused matrices: same values, no second copy.
+    """
 
     def __init__(self, model: Transformer, slots: int, max_len: int):
         super().__init__()
@@ -49,10 +59,15 @@ class ArborCachedForward(nn.Module):
         dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
         self.model = model
         self.slots, self.max_len, self.vocab_size = slots, max_len, args.vocab_size
-        kv_shape = (args.n_kv_heads, max_len, args.head_dim)
+        self.head_dim = args.head_dim
+        self.fused = [_FusedLayer.of(block) for block in model.layers.values()]
+        # One spare position: `decode` reads the first `keys_len` <= max_len positions, which is
+        # then never the whole buffer; a compiled graph would specialize (and recompile) for that
+        # case, where the slice is contiguous.
+        kv_shape = (args.n_kv_heads, max_len + 1, args.head_dim)
         self.cache = StaticKVCache(args.n_layers, slots, *kv_shape, dtype=dtype, device=device)
         self.register_buffer("rope", rope_table(args, max_len).to(device), persistent=False)
-        self.register_buffer("key_positions", torch.arange(max_len, device=device), False)
+        self.register_buffer("key_positions", torch.arange(max_len + 1, device=device), False)
 
     def prefill(self, tokens_s: torch.Tensor, slot: int) -> torch.Tensor:
         seq_len = tokens_s.shape[0]
@@ -62,32 +77,38 @@ class ArborCachedForward(nn.Module):
         h_bsd = self._layers(self.model.tok_embeddings(tokens_s[None]), step)
         return self._logits(h_bsd[:, -1], F.linear)[0]
 
-    def decode(self, tokens_b: torch.Tensor, positions_b: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, tokens_b: torch.Tensor, positions_b: torch.Tensor, keys_len: int | None = None
+    ) -> torch.Tensor:
+        keys_len = self.max_len if keys_len is None else keys_len
         # Slot b sees its own keys up to its position; later ones are stale or empty.
-        mask_b11l = (self.key_positions[None, :] <= positions_b[:, None])[:, None, None, :]
+        key_positions = self.key_positions.narrow(0, 0, keys_len)
+        mask_b11l = (key_positions[None, :] <= positions_b[:, None])[:, None, None, :]
         step = _Step(
-            self.rope[:, positions_b], decode_linear, positions_b=positions_b, mask_b11l=mask_b11l
+            self.rope[:, positions_b],
+            decode_linear,
+            positions_b=positions_b,
+            mask_b11l=mask_b11l,
+            keys_len=keys_len,
         )
         h_bsd = self._layers(self.model.tok_embeddings(tokens_b[:, None]), step)
         return self._logits(h_bsd[:, 0], decode_linear)
 
     def _layers(self, h_bsd: torch.Tensor, step: "_Step") -> torch.Tensor:
-        for layer, block in enumerate(self.model.layers.values()):
+        for layer, (block, fused) in enumerate(zip(self.model.layers.values(), self.fused)):
             normed_bsd = block.attention_norm(h_bsd)
-            h_bsd = h_bsd + self._attention(block.attention, normed_bsd, layer, step)
-            h_bsd = h_bsd + _feed_forward(block.feed_forward, block.ffn_norm(h_bsd), step.linear)
+            h_bsd = h_bsd + self._attention(fused, normed_bsd, layer, step)
+            h_bsd = h_bsd + fused.feed_forward(block.ffn_norm(h_bsd), step.linear)
         return h_bsd
 
     def _attention(
-        self, attn: Attention, x_bsd: torch.Tensor, layer: int, step: "_Step"
+        self, fused: "_FusedLayer", x_bsd: torch.Tensor, layer: int, step: "_Step"
     ) -> torch.Tensor:
         """Prefill: causal attention within the prompt, whose keys are stored in the slot.
         Decode: one query per slot against that slot's cache up to its position."""
         bsz, seq_len, _ = x_bsd.shape
-        linear = step.linear
-        q_bshd = linear(x_bsd, attn.wq.weight).view(bsz, seq_len, -1, attn.head_dim)
-        k_bshd = linear(x_bsd, attn.wk.weight).view(bsz, seq_len, -1, attn.head_dim)
-        v_bshd = linear(x_bsd, attn.wv.weight).view(bsz, seq_len, -1, attn.head_dim)
+        qkv = step.linear(x_bsd, fused.qkv).split(fused.qkv_sizes, dim=-1)
+        q_bshd, k_bshd, v_bshd = (t.view(bsz, seq_len, -1, self.head_dim) for t in qkv)
         q_bshd, k_bshd = _rotate(q_bshd, step.cos_sin), _rotate(k_bshd, step.cos_sin)
         gqa = q_bshd.shape[2] != k_bshd.shape[2]
         if step.slot is not None:
@@ -95,17 +116,53 @@ class ArborCachedForward(nn.Module):
             keys, values, mask, causal = k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), None, True
         else:
             self.cache.write_step(layer, step.positions_b, k_bshd, v_bshd)
-            (keys, values), mask, causal = self.cache.layer(layer), step.mask_b11l, False
+            keys, values = (t.narrow(2, 0, step.keys_len) for t in self.cache.layer(layer))
+            mask, causal = step.mask_b11l, False
         out_bhsd = F.scaled_dot_product_attention(
             q_bshd.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa
         )
-        return linear(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1), attn.wo.weight)
+        return step.linear(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1), fused.wo)
 
     def _logits(self, h_bd: torch.Tensor, linear: Linear) -> torch.Tensor:
         h_bd = self.model.norm(h_bd)
         output = self.model.output
         weight = output.weight if output is not None else self.model.tok_embeddings.weight
         return linear(h_bd, weight).float()
+
+
+class _FusedLayer(NamedTuple):
+    """One block's weights as the cached forward multiplies them."""
+
+    qkv: torch.Tensor  # wq, wk, wv stacked by rows
+    qkv_sizes: tuple[int, int, int]
+    wo: torch.Tensor
+    w13: torch.Tensor  # w1, w3 stacked by rows
+    w2: torch.Tensor
+
+    @classmethod
+    def of(cls, block: TransformerBlock) -> "_FusedLayer":
+        attn, ffn = block.attention, block.feed_forward
+        qkv = _stack_rows(attn.wq, attn.wk, attn.wv)
+        sizes = (attn.wq.weight.shape[0], attn.wk.weight.shape[0], attn.wv.weight.shape[0])
+        w13 = _stack_rows(ffn.w1, ffn.w3)
+        return cls(qkv, sizes, attn.wo.weight, w13, ffn.w2.weight)
+
+    def feed_forward(self, x_bsd: torch.Tensor, linear: Linear) -> torch.Tensor:
+        """The model's SwiGLU, w2(silu(w1 x) * w3 x), with one product for w1 and w3."""
+        gate, up = linear(x_bsd, self.w13).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.w2)
+
+
+def _stack_rows(*linears: nn.Linear) -> torch.Tensor:
+    """The linears' weights as one matrix; each weight becomes a view of its rows in it."""
+    with torch.no_grad():
+        stacked = torch.cat([linear.weight for linear in linears])
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = stacked[start : start + rows]
+            start += rows
+    return stacked
 
 
 class _Step(NamedTuple):
@@ -117,12 +174,7 @@ class _Step(NamedTuple):
     slot: int | None = None
     positions_b: torch.Tensor | None = None
     mask_b11l: torch.Tensor | None = None
-
-
-def _feed_forward(ffn: FeedForward, x_bsd: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """The model's SwiGLU with its matrix products done by `linear`."""
-    hidden = F.silu(linear(x_bsd, ffn.w1.weight)) * linear(x_bsd, ffn.w3.weight)
-    return linear(hidden, ffn.w2.weight)
+    keys_len: int | None = None
 
 
 def _rotate(x_bshd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

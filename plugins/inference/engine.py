@@ -24,6 +24,11 @@ from plugins.inference.text_stream import TextStream
 
 logger = logging.getLogger("arbor_titan")
 
+# Decode attends over the cache positions in use, rounded up to a power of two (at least this
+# many), so the few distinct lengths keep compiled and CUDA-graph variants few while a short
+# sequence in a long cache reads only its own keys.
+MIN_KEYS_LEN = 64
+
 
 class TextTokenizer(Protocol):
     bos_id: int
@@ -105,12 +110,17 @@ class Engine:
         return self._scheduler.busy
 
     def compile(self) -> None:
-        """Compile the decode step as one graph and run it once (timed in `stats.compile_s`);
-        fall back to eager, with a warning, if compilation fails. Call before any request."""
+        """Compile the decode step as one graph and run it (timed in `stats.compile_s`); fall
+        back to eager, with a warning, if compilation fails. Call before any request.
+
+        The attended length varies (see `keys_len`): the warm-up runs the two shortest, so the
+        second compiles a graph with a symbolic length that serves all the longer ones too and
+        no request waits for a compile. (Warming up with the whole cache instead would
+        specialize that graph to it: a full-length `narrow` is a special case.)"""
         if self.has_work():
             raise RuntimeError("compile the engine before submitting requests")
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
-        compiled = torch.compile(self.forward.decode, fullgraph=True, dynamic=False, mode=mode)
+        compiled = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
         start = time.perf_counter()
         try:
             # Inputs made as `step` makes them (distinct tensors, under inference mode), else the
@@ -119,7 +129,9 @@ class Engine:
                 tokens_b, positions_b = (
                     torch.zeros(self.slots, dtype=torch.long, device=self.device) for _ in "tp"
                 )
-                compiled(tokens_b, positions_b)  # writes position 0 of every slot, all free
+                # Writes position 0 of every slot, all free.
+                for keys_len in sorted({self.keys_len(1), self.keys_len(MIN_KEYS_LEN + 1)}):
+                    compiled(tokens_b, positions_b, keys_len)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: stay eager
             logger.warning("torch.compile of the decode step failed, running eager: %s", err)
             return
@@ -145,6 +157,11 @@ class Engine:
         request = Request(ids, params, on_update)
         self._scheduler.enqueue(request)
         return request
+
+    def keys_len(self, positions_in_use: int) -> int:
+        """How many cache positions a decode step attends over, for sequences `positions_in_use`
+        long at most: the next power of two, at least `MIN_KEYS_LEN`, at most the cache."""
+        return min(self.max_len, max(MIN_KEYS_LEN, 1 << (positions_in_use - 1).bit_length()))
 
     def check_prompt(self, ids: Sequence[int]) -> None:
         """Raise ValueError when a prompt can't run: empty, too long, or an unknown token id."""
@@ -220,8 +237,9 @@ class Engine:
         start = time.perf_counter()
         tokens_b = torch.tensor(self._tokens, dtype=torch.long, device=self.device)
         positions_b = torch.tensor(self._positions, dtype=torch.long, device=self.device)
-        logits_bv = self._decode(tokens_b, positions_b)
         running = list(self._scheduler.running.items())
+        keys_len = self.keys_len(1 + max(self._positions[slot] for slot, _ in running))
+        logits_bv = self._decode(tokens_b, positions_b, keys_len)
         chosen = self._choose(logits_bv, running)
         self.stats.decode_s += time.perf_counter() - start
         self.stats.decode_steps += 1

@@ -4,7 +4,7 @@ Decoding one token per sequence multiplies a few rows by every weight matrix, so
 by reading the weights. For fp32 on CPU, `F.linear` goes to MKL's gemv, which runs these shapes
 on one thread: 16 GB/s on this 2-core machine against 31 GB/s for a plain read. oneDNN's
 matmul (the kernel inductor itself uses for frozen CPU linears) splits the rows across threads
-and reads at 27-33 GB/s, with no copy or repacking of the weights. It costs ~13 µs more per call,
+and reads at 27-33 GB/s, with no copy or repacking of the weights. It costs ~8 µs more per call,
 so matrices under `ONEDNN_MIN_BYTES` stay with `F.linear`. bf16 linears already go through
 oneDNN, and GPUs keep cuBLAS. Measured with `python scripts/bench_inference.py`.
 
@@ -15,9 +15,10 @@ expects weights packed by its freezing pass, while an opaque op is called as it 
 import torch
 import torch.nn.functional as F
 
-# Below ~1 MiB MKL's single-threaded gemv wins on call overhead (measured: 384×384 fp32 12 µs
-# with F.linear, 19 µs with oneDNN; 1024×384 35 µs and 28 µs).
-ONEDNN_MIN_BYTES = 2**20
+# Weights are read from memory, not cache, in a decode step (each is used once per step). From
+# there oneDNN wins above ~200 KB (measured on 128 MB of distinct fp32 matrices: 128×128 11 µs
+# with F.linear and 19 µs with oneDNN; 256×256 33 and 28 µs; 384×384 64 and 41 µs).
+ONEDNN_MIN_BYTES = 2**18
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()  # read once: dynamo won't trace the call
 
 

@@ -56,6 +56,35 @@ def test_slots_at_different_positions_decode_independently(tiny_model):
             lengths += 1
 
 
+def test_attending_over_the_used_prefix_of_the_cache_gives_the_same_logits(tiny_model):
+    forward = ArborCachedForward(tiny_model, slots=2, max_len=64)
+    tokens = torch.randint(0, tiny_model.args.vocab_size, (2, 20), generator=torch.Generator())
+    with torch.no_grad():
+        forward.prefill(tokens[0, :9], 0)
+        forward.prefill(tokens[1, :4], 1)
+        positions = torch.tensor([9, 4])
+        for keys_len in (10, 16, None):  # just enough, rounded up, the whole cache
+            logits = forward.decode(tokens[:, 10], positions, keys_len)
+            for slot in range(2):
+                expected = reference_logits(
+                    tiny_model, torch.cat([tokens[slot, : positions[slot]], tokens[slot, 10:11]])
+                )
+                assert (logits[slot] - expected).abs().max() < TOL
+
+
+def test_fused_projections_share_storage_with_the_model(tiny_model):
+    """q/k/v and w1/w3 are multiplied as one matrix each; the model's weights are its rows."""
+    forward = ArborCachedForward(tiny_model, slots=1, max_len=8)
+    for block, fused in zip(tiny_model.layers.values(), forward.fused, strict=True):
+        attn, ffn = block.attention, block.feed_forward
+        rows = [attn.wq.weight, attn.wk.weight, attn.wv.weight]
+        assert torch.equal(fused.qkv, torch.cat(rows))
+        assert all(w.untyped_storage().data_ptr() == fused.qkv.data_ptr() for w in rows)
+        assert ffn.w3.weight.data_ptr() == fused.w13.data_ptr() + fused.w13[0].nbytes * len(
+            ffn.w1.weight
+        )
+
+
 def test_a_reused_slot_forgets_its_previous_sequence(tiny_model):
     forward = ArborCachedForward(tiny_model, slots=1, max_len=16)
     long, short = torch.arange(10, 22), torch.arange(30, 33)
@@ -102,8 +131,9 @@ def test_rope_scaling_settings_call_the_registered_plugin():
 
 
 def test_cache_holds_kv_heads_only(tiny_model):
-    """GQA: the cache stores n_kv_heads (2), not n_heads (4): half the bytes of full heads."""
+    """GQA: the cache stores n_kv_heads (2), not n_heads (4): half the bytes of full heads.
+    (Each slot has one spare position past max_len: see ArborCachedForward.)"""
     forward = ArborCachedForward(tiny_model, slots=3, max_len=16)
     keys, values = forward.cache.layer(0)
-    assert keys.shape == values.shape == (3, 2, 16, 16)
-    assert forward.cache.nbytes == 2 * 2 * 3 * 2 * 16 * 16 * 4  # layers, k+v, slots, kv, len, hd
+    assert keys.shape == values.shape == (3, 2, 17, 16)
+    assert forward.cache.nbytes == 2 * 2 * 3 * 2 * 17 * 16 * 4  # layers, k+v, slots, kv, len, hd

@@ -97,7 +97,8 @@ class ScriptedForward:
             raise RuntimeError("poisoned prompt")
         return self._one_hot([len(tokens_s)])[0]
 
-    def decode(self, tokens_b, positions_b):
+    def decode(self, tokens_b, positions_b, keys_len):
+        assert positions_b.max() < keys_len <= self.max_len  # every slot's keys are attended
         return self._one_hot([p + 1 for p in positions_b.tolist()])
 
 
@@ -159,20 +160,32 @@ def test_prompts_that_cannot_run_are_refused_at_submit(tokenizer, prompt, messag
     assert not engine.has_work()
 
 
+def test_decode_attends_over_the_used_positions_rounded_up_to_a_power_of_two(loaded):
+    engine = create_engine(loaded.model, loaded.tokenizer, slots=1, max_len=300)
+    assert [engine.keys_len(n) for n in (1, 64, 65, 128, 129, 256, 257, 300)] == [
+        *(64, 64, 128, 128, 256, 256, 300, 300)
+    ]
+    short = create_engine(loaded.model, loaded.tokenizer, slots=1, max_len=40)
+    assert short.keys_len(1) == short.keys_len(40) == 40
+
+
 def test_registered_as_static_kv_engine():
     assert registry.get("inference_engine", "static_kv") is create_engine
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(tokenizer):
+    """Generation runs through attended lengths 64, 128 and 160 on the graphs compiled by the
+    warm-up (one for the shortest, one with a symbolic length), with no compile on the way."""
     # One layer: a cold compile costs ~20-50 s per layer on 2 busy cores.
     model = random_model(tiny_args(n_layers=1))
-    eager = create_engine(model, tokenizer, slots=2, max_len=32)
-    compiled = create_engine(model, tokenizer, slots=2, max_len=32, compile=True)
+    eager = create_engine(model, tokenizer, slots=2, max_len=160)
+    compiled = create_engine(model, tokenizer, slots=2, max_len=160, compile=True)
     assert compiled.stats.compile_s > 0 and compiled._decode is not compiled.forward.decode
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=150, ignore_eos=True)
     expected = [r.output_ids for r in eager.generate(PROMPTS[:2], params)]
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up graph is reused
+    assert max(len(ids) for ids in expected) > 128
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up graphs are reused
         assert [r.output_ids for r in compiled.generate(PROMPTS[:2], params)] == expected
 
 

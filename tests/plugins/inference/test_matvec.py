@@ -23,7 +23,7 @@ def onednn_calls(fn) -> int:
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 3])
 def test_large_fp32_matrices_go_through_onednn_with_the_same_values(rows):
-    weight = torch.randn(512, 768)  # 1.5 MiB
+    weight = torch.randn(512, 768)  # 1.5 MiB: over the threshold
     x = torch.randn(rows, 1, 768)
     assert weight.nbytes >= matvec.ONEDNN_MIN_BYTES
     assert onednn_calls(lambda: matvec.decode_linear(x, weight)) == 1
@@ -67,6 +67,6 @@ def test_decode_through_onednn_matches_the_full_forward(monkeypatch):
                 expected = model(tokens[slot, : positions[slot] + 1][None])[0, -1]
                 assert (logits[slot] - expected).abs().max() < 1e-4
             positions += 1
-    layers, matrices_per_layer = model.args.n_layers, 7
+    layers, matrices_per_layer = model.args.n_layers, 4  # qkv, wo, w1+w3, w2
     calls = onednn_calls(lambda: forward.decode(tokens[:, 0], positions))
     assert calls == layers * matrices_per_layer + 1  # and the output projection

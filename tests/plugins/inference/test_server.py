@@ -212,7 +212,7 @@ class FailingForward:
     def prefill(self, tokens_s, slot):
         return torch.zeros(self.vocab_size)
 
-    def decode(self, tokens_b, positions_b):
+    def decode(self, tokens_b, positions_b, keys_len):
         raise RuntimeError("device lost")
 
 
