@@ -9,16 +9,27 @@ prefill and decode speeds go to stderr.
 With several prompts (repeated --prompt, or --batch with one prompt per line of the file) they
 decode together in one batch and each is printed whole when it finishes. Each prompt samples
 with the same --seed, so it gives the same text as when run alone.
+
+Started by torchrun, the model is split tensor-parallel over the processes (each loads its
+shard; see plugins/inference/tensor_parallel.py) and the first one prints:
+
+    torchrun --standalone --nproc_per_node=2 scripts/generate.py --prompt "def f(x):"
 """
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.engine import Engine, Request
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.sampling import SamplingParams
+from plugins.inference.tensor_parallel import tensor_parallel_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,6 +92,24 @@ def run(engine: Engine, prompts: list[str], params: SamplingParams) -> list[Requ
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    mesh = tensor_parallel_mesh()
+    try:
+        if mesh is None or dist.get_rank() == 0:
+            return generate(args, mesh)
+        # The other processes compute the same tokens (identical logits after the gather, the
+        # same seeds); their text and speeds would only repeat the first one's.
+        with (
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stdout(devnull),
+            contextlib.redirect_stderr(devnull),
+        ):
+            return generate(args, mesh)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:
     prompts = read_prompts(args)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params.validate()
         make_engine = engine_factory(args.engine)
-        loaded = load_from_args(args)
+        loaded = load_from_args(args, mesh)
     except LOAD_ERRORS as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
@@ -116,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prefill: {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:,.1f} tokens/s; "
         f"decode: {stats.decode_tokens} tokens in {stats.decode_steps} steps at "
         f"{stats.decode_tokens_per_s:,.1f} tokens/s (batch {len(prompts)}, {args.dtype}, "
-        f"{args.device})",
+        f"{args.device}{f', tensor parallel over {mesh.size()}' if mesh is not None else ''})",
         file=sys.stderr,
     )
     return 0

@@ -11,6 +11,7 @@ Binds 127.0.0.1 unless --host says otherwise; with --api-key, the /v1/ endpoints
 
 import argparse
 import logging
+import os
 import sys
 
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
@@ -36,6 +37,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        print(
+            "serve.py: error: the server runs in one process; tensor-parallel generation runs "
+            "with torchrun scripts/generate.py",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from plugins.inference.server import ServerConfig, create_app
         from plugins.inference.service import EngineLoop

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from arbor_titan import registry
 from plugins.inference.loading import DTYPES, LoadedModel, load_model, newest_checkpoint
@@ -44,9 +45,10 @@ def engine_factory(name: str) -> Callable[..., Any]:
     return registry.get("inference_engine", name)
 
 
-def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    """The model named by `add_model_arguments`' options."""
+def load_from_args(args: argparse.Namespace, mesh: DeviceMesh | None = None) -> LoadedModel:
+    """The model named by `add_model_arguments`' options (this process's shard, with a mesh)."""
     checkpoint = args.checkpoint or newest_checkpoint(DEFAULT_CHECKPOINTS)
-    return load_model(
-        checkpoint, DTYPES[args.dtype], torch.device(args.device), args.model_args, args.tokenizer
-    )
+    device = torch.device(args.device)
+    if mesh is not None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun's local rank
+    return load_model(checkpoint, DTYPES[args.dtype], device, args.model_args, args.tokenizer, mesh)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +21,7 @@ from arbor_titan.models.arbor.model import Transformer, TransformerBlock, apply_
 from plugins.inference.kv_cache import StaticKVCache
 from plugins.inference.matvec import decode_linear
 from plugins.inference.rope import rope_table
+from plugins.inference.tensor_parallel import local, process_group
 
 Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # F.linear's (x, weight) form
 
@@ -45,7 +47,9 @@ class CachedForward(Protocol):
 
 
 class ArborCachedForward(nn.Module):
-    """`CachedForward` for an Arbor `Transformer` (whole model on one device).
+    """`CachedForward` for an Arbor `Transformer`, whole on one device or split across
+    processes by `tensor_parallel.shard` (then each process runs its own heads and FFN slice,
+    the partial sums meet in an all-reduce and the vocabulary slices in a gather).
 
     Each layer's q/k/v projections and SwiGLU input projections are fused into one matrix each,
     so a decode step makes 4 matrix products per layer instead of 7 (bigger reads run closer to
@@ -60,11 +64,13 @@ class ArborCachedForward(nn.Module):
         self.model = model
         self.slots, self.max_len, self.vocab_size = slots, max_len, args.vocab_size
         self.head_dim = args.head_dim
-        self.fused = [_FusedLayer.of(block) for block in model.layers.values()]
+        self.group = process_group(model)
+        self.fused = nn.ModuleList(_FusedLayer(block) for block in model.layers.values())
+        kv_heads = self.fused[0].qkv_sizes[1] // args.head_dim  # this process's share
         # One spare position: `decode` reads the first `keys_len` <= max_len positions, which is
         # then never the whole buffer; a compiled graph would specialize (and recompile) for that
         # case, where the slice is contiguous.
-        kv_shape = (args.n_kv_heads, max_len + 1, args.head_dim)
+        kv_shape = (kv_heads, max_len + 1, args.head_dim)
         self.cache = StaticKVCache(args.n_layers, slots, *kv_shape, dtype=dtype, device=device)
         self.register_buffer("rope", rope_table(args, max_len).to(device), persistent=False)
         self.register_buffer("key_positions", torch.arange(max_len + 1, device=device), False)
@@ -97,9 +103,13 @@ class ArborCachedForward(nn.Module):
     def _layers(self, h_bsd: torch.Tensor, step: "_Step") -> torch.Tensor:
         for layer, (block, fused) in enumerate(zip(self.model.layers.values(), self.fused)):
             normed_bsd = block.attention_norm(h_bsd)
-            h_bsd = h_bsd + self._attention(fused, normed_bsd, layer, step)
-            h_bsd = h_bsd + fused.feed_forward(block.ffn_norm(h_bsd), step.linear)
+            h_bsd = h_bsd + self._sum(self._attention(fused, normed_bsd, layer, step))
+            h_bsd = h_bsd + self._sum(fused.feed_forward(block.ffn_norm(h_bsd), step.linear))
         return h_bsd
+
+    def _sum(self, partial: torch.Tensor) -> torch.Tensor:
+        """The products of column-split matrices, summed over the processes."""
+        return partial if self.group is None else funcol.all_reduce(partial, "sum", self.group)
 
     def _attention(
         self, fused: "_FusedLayer", x_bsd: torch.Tensor, layer: int, step: "_Step"
@@ -126,26 +136,27 @@ class ArborCachedForward(nn.Module):
     def _logits(self, h_bd: torch.Tensor, linear: Linear) -> torch.Tensor:
         h_bd = self.model.norm(h_bd)
         output = self.model.output
-        weight = output.weight if output is not None else self.model.tok_embeddings.weight
-        return linear(h_bd, weight).float()
+        if output is None:  # tied: the embedding, whole in every process
+            return linear(h_bd, self.model.tok_embeddings.weight).float()
+        logits_bv = linear(h_bd, local(output.weight))
+        if self.group is not None:  # each process has a slice of the vocabulary
+            slices_vb = funcol.all_gather_single(logits_bv.t().contiguous(), 0, self.group)
+            logits_bv = slices_vb.t()
+        return logits_bv.float()
 
 
-class _FusedLayer(NamedTuple):
-    """One block's weights as the cached forward multiplies them."""
+class _FusedLayer(nn.Module):
+    """One block's weights as the cached forward multiplies them (this process's part under
+    tensor parallelism). Buffers, so compiled graphs treat their shapes as fixed."""
 
-    qkv: torch.Tensor  # wq, wk, wv stacked by rows
-    qkv_sizes: tuple[int, int, int]
-    wo: torch.Tensor
-    w13: torch.Tensor  # w1, w3 stacked by rows
-    w2: torch.Tensor
-
-    @classmethod
-    def of(cls, block: TransformerBlock) -> "_FusedLayer":
+    def __init__(self, block: TransformerBlock):
+        super().__init__()
         attn, ffn = block.attention, block.feed_forward
-        qkv = _stack_rows(attn.wq, attn.wk, attn.wv)
-        sizes = (attn.wq.weight.shape[0], attn.wk.weight.shape[0], attn.wv.weight.shape[0])
-        w13 = _stack_rows(ffn.w1, ffn.w3)
-        return cls(qkv, sizes, attn.wo.weight, w13, ffn.w2.weight)
+        self.qkv_sizes = tuple(local(w.weight).shape[0] for w in (attn.wq, attn.wk, attn.wv))
+        self.register_buffer("qkv", _stack_rows(attn.wq, attn.wk, attn.wv), persistent=False)
+        self.register_buffer("wo", local(attn.wo.weight).detach(), persistent=False)
+        self.register_buffer("w13", _stack_rows(ffn.w1, ffn.w3), persistent=False)
+        self.register_buffer("w2", local(ffn.w2.weight).detach(), persistent=False)
 
     def feed_forward(self, x_bsd: torch.Tensor, linear: Linear) -> torch.Tensor:
         """The model's SwiGLU, w2(silu(w1 x) * w3 x), with one product for w1 and w3."""
@@ -154,13 +165,15 @@ class _FusedLayer(NamedTuple):
 
 
 def _stack_rows(*linears: nn.Linear) -> torch.Tensor:
-    """The linears' weights as one matrix; each weight becomes a view of its rows in it."""
+    """The linears' weights (this process's rows of them) as one matrix; each weight becomes a
+    view of its rows in it."""
     with torch.no_grad():
-        stacked = torch.cat([linear.weight for linear in linears])
+        weights = [local(linear.weight) for linear in linears]
+        stacked = torch.cat(weights)
         start = 0
-        for linear in linears:
-            rows = linear.weight.shape[0]
-            linear.weight.data = stacked[start : start + rows]
+        for weight in weights:
+            rows = weight.shape[0]
+            weight.data = stacked[start : start + rows]
             start += rows
     return stacked
 

@@ -1,4 +1,5 @@
-"""Load a model for inference from any of the project's weight layouts, in one process.
+"""Load a model for inference from any of the project's weight layouts, in one process or
+split across processes (tensor parallel, see tensor_parallel.py).
 
 - a DCP checkpoint folder (`step-N/`, from any training layout: FSDP, TP, PP);
 - a consolidated `.pt` file of `{param name: tensor}` (shape from `model_args.json`);
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import DeviceMesh
 
 from arbor_titan.checkpoint.convert import ConversionError, check_shapes, load_torch_weights
 from arbor_titan.checkpoint.folders import (
@@ -31,6 +33,7 @@ from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 from arbor_titan.registry import PluginError
+from plugins.inference import tensor_parallel
 from plugins.inference.rope import rope_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,25 +71,27 @@ def load_model(
     device: torch.device | str = "cpu",
     model_args: Path | None = None,
     tokenizer: Path | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> LoadedModel:
     """Load `path` (a DCP folder, an HF folder or a `.pt` file). `model_args` (a JSON file or a
     folder holding `model_args.json`) and `tokenizer` override what is found beside the weights.
+    With a `mesh`, each process loads its tensor-parallel shard.
     """
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():
         args_file = _args_file(model_args, path)
-        model = _empty_model(read_model_args(args_file), device)
+        model = _empty_model(read_model_args(args_file), device, mesh)
         with warnings.catch_warnings():  # one process loading on purpose
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
     elif path.is_dir() and (path / CONFIG_JSON).is_file():
         args_file = path / CONFIG_JSON
         args = args_from_hf_config(json.loads(args_file.read_text()), args_file)
-        model = _empty_model(args, device)
+        model = _empty_model(args, device, mesh)
         _fill(model, read_hf_tensors(path, args), path)
     elif path.is_file():
         args_file = _args_file(model_args, path.parent)
-        model = _empty_model(read_model_args(args_file), device)
+        model = _empty_model(read_model_args(args_file), device, mesh)
         _fill(model, load_torch_weights(path), path)
     else:
         raise FileNotFoundError(
@@ -108,12 +113,19 @@ def _args_file(model_args: Path | None, default_dir: Path) -> Path:
     return given / MODEL_ARGS_FILE if given.is_dir() else given
 
 
-def _empty_model(args: ArborArgs, device: torch.device | str) -> Transformer:
+def _empty_model(
+    args: ArborArgs, device: torch.device | str, mesh: DeviceMesh | None
+) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
+    if mesh is not None:
+        tensor_parallel.shard(model, mesh)
     return model.to_empty(device=device)
 
 
 def _fill(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
     check_shapes({name: t.shape for name, t in state.items()}, model.args, source)
-    model.load_state_dict(state)
+    if tensor_parallel.process_group(model) is None:
+        model.load_state_dict(state)
+    else:
+        tensor_parallel.fill_from_whole(model, state)

@@ -1,5 +1,5 @@
 """scripts/generate.py: streams the engine's text, reports speeds, finds the newest checkpoint,
-and loads a checkpoint saved by a 4-process FSDP x TP training run."""
+loads a checkpoint saved by a 4-process FSDP x TP training run, and runs tensor parallel."""
 
 import functools
 import importlib.util
@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from plugins.inference.engine import create_engine
 from plugins.inference.loading import load_model
 from plugins.inference.sampling import SamplingParams
+from plugins.inference.tensor_parallel import check_divisible
 from tests.conftest import REPO, run_training
 from tests.plugins.inference.tiny import (
     random_model,
@@ -105,3 +107,42 @@ def test_unknown_engine_lists_the_registered_ones(checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint), "--prompt", "x", "--engine", "nope", *GREEDY]
     assert generate.main(argv) == 2
     assert "static_kv" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["dcp", "pt"])
+def test_tensor_parallel_over_two_processes_prints_the_single_process_text(
+    checkpoint, weights, tmp_path
+):
+    """Each process loads its half of every split matrix (from its DCP shard, or by slicing a
+    whole .pt file); greedy and seeded sampling give the one-process text token for token."""
+    if weights == "pt":
+        model = load_model(checkpoint).model
+        torch.save(model.state_dict(), tmp_path / "model.pt")
+        for name in ("model_args.json", "tokenizer.model"):
+            (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+        source, sampling = tmp_path / "model.pt", ["--temperature=0.9", "--seed=5"]
+    else:
+        source, sampling = checkpoint, ["--temperature=0"]
+    argv = ["--checkpoint", str(source), "--prompt", "def main(", "--max-new-tokens=24"]
+    argv += sampling
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    torchrun += ["--nproc_per_node=2", str(REPO / "scripts/generate.py")]
+    split = subprocess.run(torchrun + argv, capture_output=True, text=True, timeout=180, env=env)
+    assert split.returncode == 0, split.stderr[-3000:]
+    whole = subprocess.run(
+        [sys.executable, str(REPO / "scripts/generate.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert split.stdout == whole.stdout and split.stdout.startswith("def main(")
+    assert "tensor parallel over 2" in split.stderr and split.stderr.count("decode: ") == 1
+
+
+def test_tensor_parallel_needs_whole_heads_per_process():
+    with pytest.raises(ValueError, match="n_kv_heads=2"):
+        check_divisible(tiny_args(), 4)
+    check_divisible(tiny_args(), 2)

@@ -17,6 +17,7 @@ from tests.plugins.inference.tiny import (
     tiny_args,
     train_tokenizer,
 )
+from tests.scripts.test_generate import load_script
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -59,3 +60,9 @@ def test_serve_answers_on_localhost_with_an_api_key(tmp_path: Path):
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
     assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in output, output
     assert f"on http://127.0.0.1:{port}" in output
+
+
+def test_serve_under_torchrun_says_where_tensor_parallel_runs(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_script("serve").main([]) == 2
+    assert "torchrun scripts/generate.py" in capsys.readouterr().err
