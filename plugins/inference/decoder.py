@@ -6,10 +6,9 @@ The training forward stays cache-free; this file runs the same blocks step by st
 own position. The two are separate entry points (STYLE lesson 9): decode has fixed shapes and
 compiles to one graph; prefill changes length with every prompt and spends its time in large
 matmuls that compiling would not speed up, so it runs eager. Decode's matrix products go through
-`decode_linear` (see matvec.py: the kernel that reads weights at memory bandwidth on CPU).
+`DecodeMatrix` (see matvec.py: the kernels that read weights at memory bandwidth on CPU).
 """
 
-from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -19,11 +18,9 @@ from torch import nn
 
 from arbor_titan.models.arbor.model import Transformer, TransformerBlock, apply_rope
 from plugins.inference.kv_cache import StaticKVCache
-from plugins.inference.matvec import decode_linear
+from plugins.inference.matvec import DecodeMatrix
 from plugins.inference.rope import rope_table
 from plugins.inference.tensor_parallel import local, process_group
-
-Linear = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # F.linear's (x, weight) form
 
 
 class CachedForward(Protocol):
@@ -54,10 +51,11 @@ class ArborCachedForward(nn.Module):
     Each layer's q/k/v projections and SwiGLU input projections are fused into one matrix each,
     so a decode step makes 4 matrix products per layer instead of 7 (bigger reads run closer to
     bandwidth and per-call overhead halves). The model's own `wq`/`wk`/`wv`/`w1`/`w3` weights
-    become row views of the fused matrices: same values, no second copy.
+    become row views of the fused matrices: same values, no second copy. `pack_weights`: see
+    matvec.py (bf16/fp16 on CPU: a second, faster copy for decode).
     """
 
-    def __init__(self, model: Transformer, slots: int, max_len: int):
+    def __init__(self, model: Transformer, slots: int, max_len: int, pack_weights: bool = True):
         super().__init__()
         args = model.args
         dtype, device = model.tok_embeddings.weight.dtype, model.tok_embeddings.weight.device
@@ -65,7 +63,13 @@ class ArborCachedForward(nn.Module):
         self.slots, self.max_len, self.vocab_size = slots, max_len, args.vocab_size
         self.head_dim = args.head_dim
         self.group = process_group(model)
-        self.fused = nn.ModuleList(_FusedLayer(block) for block in model.layers.values())
+        self.fused = nn.ModuleList(
+            _FusedLayer(block, pack_weights) for block in model.layers.values()
+        )
+        tied = model.output is None  # then the embedding, whole in every process
+        output = model.tok_embeddings.weight if tied else local(model.output.weight)
+        self.output = DecodeMatrix(output, pack_weights)
+        self.vocab_split = not tied and self.group is not None
         kv_heads = self.fused[0].qkv_sizes[1] // args.head_dim  # this process's share
         # One spare position: `decode` reads the first `keys_len` <= max_len positions, which is
         # then never the whole buffer; a compiled graph would specialize (and recompile) for that
@@ -79,9 +83,9 @@ class ArborCachedForward(nn.Module):
         seq_len = tokens_s.shape[0]
         if not 0 < seq_len <= self.max_len:
             raise ValueError(f"prompt of {seq_len} tokens does not fit a cache of {self.max_len}")
-        step = _Step(self.rope[:, :seq_len], F.linear, slot=slot)
+        step = _Step(self.rope[:, :seq_len], decoding=False, slot=slot)
         h_bsd = self._layers(self.model.tok_embeddings(tokens_s[None]), step)
-        return self._logits(h_bsd[:, -1], F.linear)[0]
+        return self._logits(h_bsd[:, -1], step)[0]
 
     def decode(
         self, tokens_b: torch.Tensor, positions_b: torch.Tensor, keys_len: int | None = None
@@ -92,19 +96,19 @@ class ArborCachedForward(nn.Module):
         mask_b11l = (key_positions[None, :] <= positions_b[:, None])[:, None, None, :]
         step = _Step(
             self.rope[:, positions_b],
-            decode_linear,
+            decoding=True,
             positions_b=positions_b,
             mask_b11l=mask_b11l,
             keys_len=keys_len,
         )
         h_bsd = self._layers(self.model.tok_embeddings(tokens_b[:, None]), step)
-        return self._logits(h_bsd[:, 0], decode_linear)
+        return self._logits(h_bsd[:, 0], step)
 
     def _layers(self, h_bsd: torch.Tensor, step: "_Step") -> torch.Tensor:
         for layer, (block, fused) in enumerate(zip(self.model.layers.values(), self.fused)):
             normed_bsd = block.attention_norm(h_bsd)
             h_bsd = h_bsd + self._sum(self._attention(fused, normed_bsd, layer, step))
-            h_bsd = h_bsd + self._sum(fused.feed_forward(block.ffn_norm(h_bsd), step.linear))
+            h_bsd = h_bsd + self._sum(fused.feed_forward(block.ffn_norm(h_bsd), step.decoding))
         return h_bsd
 
     def _sum(self, partial: torch.Tensor) -> torch.Tensor:
@@ -117,7 +121,7 @@ class ArborCachedForward(nn.Module):
         """Prefill: causal attention within the prompt, whose keys are stored in the slot.
         Decode: one query per slot against that slot's cache up to its position."""
         bsz, seq_len, _ = x_bsd.shape
-        qkv = step.linear(x_bsd, fused.qkv).split(fused.qkv_sizes, dim=-1)
+        qkv = fused.qkv(x_bsd, step.decoding).split(fused.qkv_sizes, dim=-1)
         q_bshd, k_bshd, v_bshd = (t.view(bsz, seq_len, -1, self.head_dim) for t in qkv)
         q_bshd, k_bshd = _rotate(q_bshd, step.cos_sin), _rotate(k_bshd, step.cos_sin)
         gqa = q_bshd.shape[2] != k_bshd.shape[2]
@@ -131,15 +135,11 @@ class ArborCachedForward(nn.Module):
         out_bhsd = F.scaled_dot_product_attention(
             q_bshd.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=gqa
         )
-        return step.linear(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1), fused.wo)
+        return fused.wo(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1), step.decoding)
 
-    def _logits(self, h_bd: torch.Tensor, linear: Linear) -> torch.Tensor:
-        h_bd = self.model.norm(h_bd)
-        output = self.model.output
-        if output is None:  # tied: the embedding, whole in every process
-            return linear(h_bd, self.model.tok_embeddings.weight).float()
-        logits_bv = linear(h_bd, local(output.weight))
-        if self.group is not None:  # each process has a slice of the vocabulary
+    def _logits(self, h_bd: torch.Tensor, step: "_Step") -> torch.Tensor:
+        logits_bv = self.output(self.model.norm(h_bd), step.decoding)
+        if self.vocab_split:  # each process has a slice of the vocabulary
             slices_vb = funcol.all_gather_single(logits_bv.t().contiguous(), 0, self.group)
             logits_bv = slices_vb.t()
         return logits_bv.float()
@@ -149,19 +149,19 @@ class _FusedLayer(nn.Module):
     """One block's weights as the cached forward multiplies them (this process's part under
     tensor parallelism). Buffers, so compiled graphs treat their shapes as fixed."""
 
-    def __init__(self, block: TransformerBlock):
+    def __init__(self, block: TransformerBlock, pack_weights: bool):
         super().__init__()
         attn, ffn = block.attention, block.feed_forward
         self.qkv_sizes = tuple(local(w.weight).shape[0] for w in (attn.wq, attn.wk, attn.wv))
-        self.register_buffer("qkv", _stack_rows(attn.wq, attn.wk, attn.wv), persistent=False)
-        self.register_buffer("wo", local(attn.wo.weight).detach(), persistent=False)
-        self.register_buffer("w13", _stack_rows(ffn.w1, ffn.w3), persistent=False)
-        self.register_buffer("w2", local(ffn.w2.weight).detach(), persistent=False)
+        self.qkv = DecodeMatrix(_stack_rows(attn.wq, attn.wk, attn.wv), pack_weights)
+        self.wo = DecodeMatrix(local(attn.wo.weight), pack_weights)
+        self.w13 = DecodeMatrix(_stack_rows(ffn.w1, ffn.w3), pack_weights)
+        self.w2 = DecodeMatrix(local(ffn.w2.weight), pack_weights)
 
-    def feed_forward(self, x_bsd: torch.Tensor, linear: Linear) -> torch.Tensor:
+    def feed_forward(self, x_bsd: torch.Tensor, decoding: bool) -> torch.Tensor:
         """The model's SwiGLU, w2(silu(w1 x) * w3 x), with one product for w1 and w3."""
-        gate, up = linear(x_bsd, self.w13).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, self.w2)
+        gate, up = self.w13(x_bsd, decoding).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up, decoding)
 
 
 def _stack_rows(*linears: nn.Linear) -> torch.Tensor:
@@ -179,11 +179,11 @@ def _stack_rows(*linears: nn.Linear) -> torch.Tensor:
 
 
 class _Step(NamedTuple):
-    """What one forward call shares across layers: the RoPE rows of its tokens, the matrix
-    product to use, and either the prefill's slot or the decode's positions and attention mask."""
+    """What one forward call shares across layers: the RoPE rows of its tokens, whether it
+    decodes, and either the prefill's slot or the decode's positions and attention mask."""
 
     cos_sin: torch.Tensor  # (2, tokens, head_dim), tokens in (batch, seq) order
-    linear: Linear
+    decoding: bool
     slot: int | None = None
     positions_b: torch.Tensor | None = None
     mask_b11l: torch.Tensor | None = None

@@ -313,9 +313,12 @@ def create_engine(
     slots: int,
     max_len: int,
     compile: bool = False,
+    pack_weights: bool = True,
 ) -> Engine:
-    """An engine for an Arbor model: `slots` sequences of up to `max_len` tokens each."""
-    forward = ArborCachedForward(model, slots, max_len)
+    """An engine for an Arbor model: `slots` sequences of up to `max_len` tokens each.
+    `pack_weights`: bf16/fp16 on CPU decode from a second copy of the weights in oneDNN's
+    blocked layout (see matvec.py); False saves that memory."""
+    forward = ArborCachedForward(model, slots, max_len, pack_weights)
     engine = Engine(forward, tokenizer, model.tok_embeddings.weight.device)
     if compile:
         engine.compile()

@@ -77,12 +77,12 @@ def test_fused_projections_share_storage_with_the_model(tiny_model):
     forward = ArborCachedForward(tiny_model, slots=1, max_len=8)
     for block, fused in zip(tiny_model.layers.values(), forward.fused, strict=True):
         attn, ffn = block.attention, block.feed_forward
+        qkv, w13 = fused.qkv.weight, fused.w13.weight
         rows = [attn.wq.weight, attn.wk.weight, attn.wv.weight]
-        assert torch.equal(fused.qkv, torch.cat(rows))
-        assert all(w.untyped_storage().data_ptr() == fused.qkv.data_ptr() for w in rows)
-        assert ffn.w3.weight.data_ptr() == fused.w13.data_ptr() + fused.w13[0].nbytes * len(
-            ffn.w1.weight
-        )
+        assert torch.equal(qkv, torch.cat(rows))
+        assert all(w.untyped_storage().data_ptr() == qkv.data_ptr() for w in rows)
+        w1_bytes = w13[0].nbytes * len(ffn.w1.weight)
+        assert ffn.w3.weight.data_ptr() == w13.data_ptr() + w1_bytes
 
 
 def test_a_reused_slot_forgets_its_previous_sequence(tiny_model):
