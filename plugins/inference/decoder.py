@@ -12,7 +12,7 @@ matmuls that compiling would not speed up, so it runs eager. Decode's matrix pro
 from typing import NamedTuple, Protocol
 
 import torch
-import torch.distributed._functional_collectives as funcol
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -112,8 +112,11 @@ class ArborCachedForward(nn.Module):
         return h_bsd
 
     def _sum(self, partial: torch.Tensor) -> torch.Tensor:
-        """The products of column-split matrices, summed over the processes."""
-        return partial if self.group is None else funcol.all_reduce(partial, "sum", self.group)
+        """The products of column-split matrices, summed over the processes (dynamo traces the
+        in-place collective as a functional one)."""
+        if self.group is not None:
+            dist.all_reduce(partial, group=self.group)
+        return partial
 
     def _attention(
         self, fused: "_FusedLayer", x_bsd: torch.Tensor, layer: int, step: "_Step"
@@ -140,7 +143,9 @@ class ArborCachedForward(nn.Module):
     def _logits(self, h_bd: torch.Tensor, step: "_Step") -> torch.Tensor:
         logits_bv = self.output(self.model.norm(h_bd), step.decoding)
         if self.vocab_split:  # each process has a slice of the vocabulary
-            slices_vb = funcol.all_gather_single(logits_bv.t().contiguous(), 0, self.group)
+            local_vb = logits_bv.t().contiguous()
+            slices_vb = local_vb.new_empty(self.vocab_size, local_vb.shape[1])
+            dist.all_gather_single(slices_vb, local_vb, group=self.group)
             logits_bv = slices_vb.t()
         return logits_bv.float()
 
