@@ -124,9 +124,12 @@ class ArborCachedForward(nn.Module):
         """Prefill: causal attention within the prompt, whose keys are stored in the slot.
         Decode: one query per slot against that slot's cache up to its position."""
         bsz, seq_len, _ = x_bsd.shape
-        qkv = fused.qkv(x_bsd, step.decoding).split(fused.qkv_sizes, dim=-1)
-        q_bshd, k_bshd, v_bshd = (t.view(bsz, seq_len, -1, self.head_dim) for t in qkv)
-        q_bshd, k_bshd = _rotate(q_bshd, step.cos_sin), _rotate(k_bshd, step.cos_sin)
+        q_size, k_size, v_size = fused.qkv_sizes
+        qk, v = fused.qkv(x_bsd, step.decoding).split([q_size + k_size, v_size], dim=-1)
+        # Queries and keys side by side are heads of one tensor: one RoPE call rotates both.
+        qk_bshd = _rotate(qk.view(bsz, seq_len, -1, self.head_dim), step.cos_sin)
+        q_bshd, k_bshd = qk_bshd.split([q_size // self.head_dim, k_size // self.head_dim], dim=2)
+        v_bshd = v.view(bsz, seq_len, -1, self.head_dim)
         gqa = q_bshd.shape[2] != k_bshd.shape[2]
         if step.slot is not None:
             self.cache.write_prefix(layer, step.slot, k_bshd, v_bshd)
