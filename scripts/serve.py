@@ -7,15 +7,25 @@
 
 Binds 127.0.0.1 unless --host says otherwise; with --api-key, the /v1/ endpoints need
 `Authorization: Bearer KEY`. Needs the `serve` extra: pip install -e '.[serve]'.
+
+Started by torchrun, the model is split tensor-parallel over the processes; the first serves
+HTTP and keeps the others in step (plugins/inference/lockstep.py):
+
+    torchrun --standalone --nproc_per_node=2 scripts/serve.py --checkpoint PATH --port 8000
 """
 
 import argparse
 import logging
 import os
 import sys
+from pathlib import Path
+
+import torch.distributed as dist
 
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.loading import LOAD_ERRORS
+from plugins.inference.lockstep import LockstepEngine, follow
+from plugins.inference.tensor_parallel import tensor_parallel_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,43 +47,63 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        print(
-            "serve.py: error: the server runs in one process; tensor-parallel generation runs "
-            "with torchrun scripts/generate.py",
-            file=sys.stderr,
-        )
-        return 2
     try:
-        from plugins.inference.server import ServerConfig, create_app
-        from plugins.inference.service import EngineLoop
+        from plugins.inference.server import ServerConfig, create_app  # noqa: F401
     except ImportError as err:
         print(f"serve.py: error: {err}; install with: pip install -e '.[serve]'", file=sys.stderr)
         return 2
+    mesh = tensor_parallel_mesh()
     try:
         make_engine = engine_factory(args.engine)
-        loaded = load_from_args(args)
+        loaded = load_from_args(args, mesh)
     except LOAD_ERRORS as err:
         print(f"serve.py: error: {err}", file=sys.stderr)
         return 2
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     max_len = args.max_len or loaded.args.max_seq_len
     engine = make_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
     if args.compile:
         logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
+    if mesh is None:
+        return serve(args, engine, engine, loaded.source, max_len)
+    try:
+        if dist.get_rank() == 0:
+            lockstep = LockstepEngine(engine, mesh.get_group())
+            status = serve(args, lockstep, engine, loaded.source, max_len)
+        else:
+            follow(engine, mesh.get_group())
+            status = 0
+    finally:
+        dist.destroy_process_group()
+    # As in generate.py: skip the interpreter's C++ teardown, which can abort after
+    # tensor-parallel work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def serve(args: argparse.Namespace, engine, local_engine, source: Path, max_len: int) -> int:
+    """Serve `engine` (a `LockstepEngine` under tensor parallelism, whose process-local engine
+    is `local_engine`) until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from plugins.inference.server import ServerConfig, create_app
+    from plugins.inference.service import EngineLoop
+
     loop = EngineLoop(engine).start()
     cfg = ServerConfig(model_name=args.model_name or "arbor", api_key=args.api_key)
     logging.info(
-        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, KV cache %.0f MiB)",
-        loaded.source,
+        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, KV cache %.0f MiB%s)",
+        source,
         cfg.model_name,
         args.host,
         args.port,
         args.max_batch,
         max_len,
-        engine.forward.cache.nbytes / 2**20,
+        local_engine.forward.cache.nbytes / 2**20,
+        f" per process, tensor parallel over {dist.get_world_size()}"
+        if engine is not local_engine
+        else "",
     )
     try:
         uvicorn.run(create_app(loop, cfg), host=args.host, port=args.port, log_level="warning")

@@ -147,6 +147,17 @@ class Engine:
     ) -> Request:
         """Queue a prompt (text gets a BOS in front, as documents had in training). Safe to call
         from any thread; the request joins at the next `step()`."""
+        request = self.make_request(prompt, params, on_update)
+        self.enqueue(request)
+        return request
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        on_update: Callable[[Request, str], None] | None = None,
+    ) -> Request:
+        """A checked request, not queued yet (ValueError for one the engine can't run)."""
         params.validate()
         ids = (
             [self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]
@@ -154,9 +165,11 @@ class Engine:
             else list(prompt)
         )
         self.check_prompt(ids)
-        request = Request(ids, params, on_update)
+        return Request(ids, params, on_update)
+
+    def enqueue(self, request: Request) -> None:
+        """Queue a request made by `make_request` (any thread)."""
         self._scheduler.enqueue(request)
-        return request
 
     def keys_len(self, positions_in_use: int) -> int:
         """How many cache positions a decode step attends over, for sequences `positions_in_use`

@@ -1,15 +1,18 @@
 """scripts/serve.py as a user runs it: a subprocess on 127.0.0.1 that answers, checks its API key,
-and shuts down cleanly on SIGTERM."""
+and shuts down cleanly on SIGTERM; and under torchrun, tensor parallel over two processes."""
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from plugins.inference.lockstep import IDLE_ORDERS_S
 from tests.conftest import REPO
 from tests.plugins.inference.tiny import (
     random_model,
@@ -17,7 +20,7 @@ from tests.plugins.inference.tiny import (
     tiny_args,
     train_tokenizer,
 )
-from tests.scripts.test_generate import load_script
+from tests.scripts.test_generate import engine_text
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -39,15 +42,7 @@ def test_serve_answers_on_localhost_with_an_api_key(tmp_path: Path):
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start in 60 s"
-                time.sleep(0.2)
+        wait_until_healthy(server, url)
         body = {"prompt": "def f(", "max_tokens": 5, "temperature": 0}
         assert httpx.post(f"{url}/v1/completions", json=body).status_code == 401
         headers = {"Authorization": "Bearer secret"}
@@ -62,7 +57,55 @@ def test_serve_answers_on_localhost_with_an_api_key(tmp_path: Path):
     assert f"on http://127.0.0.1:{port}" in output
 
 
-def test_serve_under_torchrun_says_where_tensor_parallel_runs(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert load_script("serve").main([]) == 2
-    assert "torchrun scripts/generate.py" in capsys.readouterr().err
+@pytest.mark.slow
+def test_serve_under_torchrun_answers_as_one_process_would(tmp_path: Path):
+    """Two processes split the model; process 0 serves and keeps the other in step. Three
+    concurrent requests on two cache slots (one waits, then joins the running batch) get the
+    one-process greedy text."""
+    checkpoint = save_dcp_checkpoint(
+        random_model(tiny_args()), tmp_path / "step-1", train_tokenizer(tmp_path / "tok.model")
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(REPO / "scripts/serve.py")]
+    command += ["--checkpoint", str(checkpoint), "--port", str(port), "--max-batch", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    prompts = ["def f(", "import os", "class A:"]
+    try:
+        wait_until_healthy(server, url)
+
+        def complete(prompt: str) -> str:
+            body = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+            response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            texts = list(pool.map(complete, prompts))
+        # A client that leaves mid-stream cancels its request in both processes.
+        body = {"prompt": "x = ", "max_tokens": 40, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as stream:
+            assert next(stream.iter_lines()).startswith("data: ")
+        time.sleep(2 * IDLE_ORDERS_S)  # idle orders keep the other process waiting, not failed
+        assert complete(prompts[0]) == texts[0]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0]
+    assert texts == [engine_text(checkpoint, p, max_new_tokens=10) for p in prompts]
+    assert "tensor parallel over 2" in output, output
+
+
+def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"server did not start in {timeout} s"
+            time.sleep(0.2)
