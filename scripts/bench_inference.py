@@ -9,7 +9,7 @@
 - server throughput: 8 concurrent requests against the same 8 one at a time.
 
     python scripts/bench_inference.py --quick     # bench model only, fewer tokens (~1 min)
-    python scripts/bench_inference.py --compile   # both models, eager and compiled (~10 min)
+    python scripts/bench_inference.py --compile   # both models, eager and compiled (~5 min)
 
 Each measurement is the best of a few runs, alternated between the engines. On a machine shared
 with other work, `--threads 1` avoids OpenMP threads waiting on a busy core (up to 50x slower
