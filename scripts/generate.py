@@ -29,7 +29,7 @@ from plugins.inference.cli import add_model_arguments, engine_factory, load_from
 from plugins.inference.engine import Engine, Request
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.sampling import SamplingParams
-from plugins.inference.tensor_parallel import tensor_parallel_mesh
+from plugins.inference.tensor_parallel import exit_without_teardown, tensor_parallel_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,13 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # leave together: a process that exits while its peer still talks aborts
     finally:
         dist.destroy_process_group()
-    # Exit without the interpreter's C++ teardown: after a tensor-parallel generation it aborted
-    # ("terminate called without an active exception") in ~1 of 10 two-process runs, after
-    # every Python exit handler had run; plain collective loops never did. Nothing is left to
-    # clean up here.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    exit_without_teardown(status)
 
 
 def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:

@@ -16,16 +16,14 @@ HTTP and keeps the others in step (plugins/inference/lockstep.py):
 
 import argparse
 import logging
-import os
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
 
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.lockstep import LockstepEngine, follow
-from plugins.inference.tensor_parallel import tensor_parallel_mesh
+from plugins.inference.tensor_parallel import exit_without_teardown, tensor_parallel_mesh
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from plugins.inference.server import ServerConfig, create_app  # noqa: F401
+        import uvicorn
+
+        from plugins.inference.server import ServerConfig, create_app
+        from plugins.inference.service import EngineLoop
     except ImportError as err:
         print(f"serve.py: error: {err}; install with: pip install -e '.[serve]'", file=sys.stderr)
         return 2
@@ -64,51 +65,37 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
     if args.compile:
         logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
-    if mesh is None:
-        return serve(args, engine, engine, loaded.source, max_len)
-    try:
-        if dist.get_rank() == 0:
-            lockstep = LockstepEngine(engine, mesh.get_group())
-            status = serve(args, lockstep, engine, loaded.source, max_len)
-        else:
-            follow(engine, mesh.get_group())
-            status = 0
-    finally:
-        dist.destroy_process_group()
-    # As in generate.py: skip the interpreter's C++ teardown, which can abort after
-    # tensor-parallel work.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
-def serve(args: argparse.Namespace, engine, local_engine, source: Path, max_len: int) -> int:
-    """Serve `engine` (a `LockstepEngine` under tensor parallelism, whose process-local engine
-    is `local_engine`) until SIGINT/SIGTERM."""
-    import uvicorn
-
-    from plugins.inference.server import ServerConfig, create_app
-    from plugins.inference.service import EngineLoop
+    cache = f"KV cache {engine.forward.cache.nbytes / 2**20:.0f} MiB"
+    if mesh is not None:
+        cache += f" per process, tensor parallel over {mesh.size()}"
+        if dist.get_rank() != 0:
+            try:
+                follow(engine, mesh.get_group())
+            finally:
+                dist.destroy_process_group()
+            exit_without_teardown(0)
+        engine = LockstepEngine(engine, mesh.get_group())
 
     loop = EngineLoop(engine).start()
     cfg = ServerConfig(model_name=args.model_name or "arbor", api_key=args.api_key)
     logging.info(
-        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, KV cache %.0f MiB%s)",
-        source,
+        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, %s)",
+        loaded.source,
         cfg.model_name,
         args.host,
         args.port,
         args.max_batch,
         max_len,
-        local_engine.forward.cache.nbytes / 2**20,
-        f" per process, tensor parallel over {dist.get_world_size()}"
-        if engine is not local_engine
-        else "",
+        cache,
     )
     try:
         uvicorn.run(create_app(loop, cfg), host=args.host, port=args.port, log_level="warning")
     finally:
         loop.stop()
+        if mesh is not None:
+            dist.destroy_process_group()
+    if mesh is not None:
+        exit_without_teardown(0)
     return 0
 
 

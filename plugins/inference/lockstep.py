@@ -169,7 +169,7 @@ def _copy_progress(
     error: str | None,
     delta: str = "",
 ) -> None:
-    target.output_ids, target.text = list(source.output_ids), source.text
+    target.output_ids, target.text = source.output_ids, source.text  # shared, not copied
     target.finish_reason, target.error = finish_reason, error
     if target.on_update is not None:
         target.on_update(target, delta)

@@ -34,7 +34,7 @@ class DecodeMatrix(nn.Module):
     def __init__(self, weight: torch.Tensor, pack: bool = True):
         super().__init__()
         self.register_buffer("weight", weight.detach(), persistent=False)
-        packed = _pack(self.weight) if pack and _packing_helps(self.weight) else None
+        packed = _pack(self.weight) if pack and _onednn_serves(self.weight, _HALF) else None
         self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: torch.Tensor, decoding: bool) -> torch.Tensor:
@@ -53,18 +53,14 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _onednn_is_faster(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
-        and weight.nbytes >= ONEDNN_MIN_BYTES
-        and _HAS_ONEDNN
-    )
+    return x.dtype == weight.dtype and _onednn_serves(weight, (torch.float32,))
 
 
-def _packing_helps(weight: torch.Tensor) -> bool:
+def _onednn_serves(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """A CPU weight of one of `dtypes`, big enough for oneDNN's call overhead to pay."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype in _HALF
+        and weight.dtype in dtypes
         and weight.nbytes >= ONEDNN_MIN_BYTES
         and _HAS_ONEDNN
     )
