@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 from arbor_titan.checkpoint.config import CheckpointConfig
 from arbor_titan.config.fields import option
+from arbor_titan.context.config import ContextConfig
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointConfig
 from arbor_titan.distributed.compile import CompileConfig
@@ -89,3 +90,4 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)

@@ -15,8 +15,8 @@ from torch.distributed.tensor import DTensor
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.config.params import parse_params
 from arbor_titan.growth.operator import GrowthContext, GrowthError, GrowthOperator, ParamError
-from arbor_titan.growth.params import parse_params
 from arbor_titan.growth.values import AgeValues, MomentValues, WeightValues
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer

@@ -3,10 +3,10 @@ step 0, the `Growth` of every stage (each built on the args the previous stage p
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.config.params import parse_params
 from arbor_titan.growth.apply import Growth
 from arbor_titan.growth.config import GrowthConfig
 from arbor_titan.growth.operator import ParamError
-from arbor_titan.growth.params import parse_params
 from arbor_titan.growth.schedule import GrowthSchedule
 from arbor_titan.models.arbor.args import ArborArgs
 

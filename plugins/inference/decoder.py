@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from arbor_titan.models.arbor.model import Transformer, TransformerBlock, apply_rope
+from arbor_titan.models.arbor.model import Transformer, TransformerBlock
+from arbor_titan.models.arbor.rope import apply_rope
 from plugins.inference.kv_cache import StaticKVCache
 from plugins.inference.matvec import DecodeMatrix
 from plugins.inference.rope import rope_table

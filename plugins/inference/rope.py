@@ -15,7 +15,7 @@ import torch
 
 from arbor_titan import registry
 from arbor_titan.models.arbor.args import ArborArgs
-from arbor_titan.models.arbor.model import rope_cos_sin
+from arbor_titan.models.arbor.rope import rope_cos_sin
 
 # HF configs name the scaling in "rope_type" (newer) or "type" (older); "default" means none.
 _NAME_KEYS = ("type", "rope_type", "name")

@@ -33,6 +33,9 @@ class ArborArgs:
     # Explicit so width growth (add_heads, widen_hidden) can keep it fixed while dim or n_heads
     # change; 0 means dim // n_heads, resolved on construction.
     head_dim: int = 0
+    # RoPE scaling settings, e.g. {"type": "yarn", "factor": 4.0, "original_max_seq_len": 4096}
+    # (a `rope_scaling` plugin and its params); None is plain RoPE. See models/arbor/rope.py.
+    rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         # Resolved here so the stored value survives `dataclasses.replace` and model_args.json.

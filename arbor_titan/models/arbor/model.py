@@ -11,26 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbor_titan.models.arbor.args import ArborArgs
-
-
-def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
-    """cos/sin tables of shape (max_seq_len, head_dim) stacked on dim 0, rotate-half layout.
-
-    The rotate-half layout (the first half of each head pairs with the second) is the one
-    Hugging Face Llama checkpoints use, so weights move between the two without permutation.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles_sd = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles_sd = torch.cat([angles_sd, angles_sd], dim=-1)
-    return torch.stack([angles_sd.cos(), angles_sd.sin()]).float()
-
-
-def apply_rope(x_bshd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    seq_len = x_bshd.shape[1]
-    cos_sd, sin_sd = cos_sin[0, :seq_len, None, :], cos_sin[1, :seq_len, None, :]
-    x1, x2 = x_bshd.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_bshd * cos_sd + rotated * sin_sd).to(x_bshd.dtype)
+from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin
 
 
 class Attention(nn.Module):
@@ -128,7 +109,7 @@ class Transformer(nn.Module):
         )
         self.register_buffer(
             "rope_cache",
-            rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta),
+            rope_table(args),
             persistent=False,
         )
 
@@ -149,9 +130,7 @@ class Transformer(nn.Module):
         """Initialize every parameter and recompute the RoPE buffer (lost by `to_empty`)."""
         args = self.args
         buffer_device = buffer_device or self.rope_cache.device
-        self.rope_cache = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta).to(
-            buffer_device
-        )
+        self.rope_cache = rope_table(args).to(buffer_device)
         init_std = 0.02
         residual_std = init_std / math.sqrt(2 * args.n_layers)
         if self.tok_embeddings is not None:
@@ -162,6 +141,11 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None:
             nn.init.trunc_normal_(self.output.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+
+
+def rope_table(args: ArborArgs) -> torch.Tensor:
+    """The model's cos/sin table: `max_seq_len` positions under the args' RoPE scaling."""
+    return rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
 
 
 def count_params(model: nn.Module) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arbor_titan import registry
-from arbor_titan.models.arbor.model import rope_cos_sin
+from arbor_titan.models.arbor.rope import rope_cos_sin
 from plugins.inference.decoder import ArborCachedForward
 from plugins.inference.rope import rope_table
 from tests.plugins.inference.tiny import random_model, tiny_args

@@ -1,5 +1,5 @@
-"""Operator and schedule parameters: a TOML table checked against the plugin's `Params` dataclass,
-with errors that name the full key (`growth.stages[0].params.layers`)."""
+"""Plugin parameters (growth operators and schedules, context schedules, RoPE scalings): a TOML
+table checked against the plugin's `Params` dataclass, with errors that name the full key."""
 
 import dataclasses
 from typing import Any
