@@ -10,7 +10,7 @@ within the same steps: against a mid-run checkpoint of a longer schedule the gai
 are inflated ("No Train No Gain", Kaddour et al. 2023).
 
 FLOPs are PaLM's 6·N_non-embedding + attention per token of the model at each step, so the
-grown arm counts its small phase and its large phase. The figure of merit (GROWTH.md) is
+grown arm counts its small phase and its large phase. The figure of merit is
 speedup = FLOPs(scratch to its final val loss) / FLOPs(grown to the same loss), each found by
 linear interpolation on a val-loss curve evaluated on the same held-out batches every
 `--val-freq` steps. Writes `<dump-folder>/bench_growth.png` (loss vs cumulative FLOPs) and
@@ -20,22 +20,19 @@ linear interpolation on a val-loss curve evaluated on the same held-out batches 
 import argparse
 import functools
 import json
-import shlex
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from arbor_titan.bench import REPO, RunMetrics, first_reach, launch
 from arbor_titan.config.cli import load_config
 from arbor_titan.config.job import JobConfig
 from arbor_titan.growth import plan_growth
 from arbor_titan.metrics import flops_per_token
 from arbor_titan.models.arbor import ArborArgs, Transformer, count_params, resolve_args
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "scratch": REPO / "train_configs/bench_growth_scratch.toml",
     "grown": REPO / "train_configs/bench_growth_grown.toml",
@@ -110,21 +107,6 @@ def stages_override(config: Path, grow_at: int) -> str:
     return f"--growth.stages=[{', '.join(tables)}]"
 
 
-def train(name: str, config: Path, overrides: list[str]) -> None:
-    """Run `python -m arbor_titan.train` afresh (no resume), echoing its log lines."""
-    cfg = load_config(config, overrides)
-    shutil.rmtree(Path(cfg.job.dump_folder) / cfg.job.name, ignore_errors=True)
-    command = [sys.executable, "-m", "arbor_titan.train", str(config), *overrides]
-    print(f"[{name}] {shlex.join(command)}", flush=True)
-    with subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        for line in proc.stdout:
-            print(f"[{name}] {line}", end="", flush=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"[{name}] training failed with exit code {proc.returncode}")
-
-
 @functools.cache
 def model_flops_per_token(args: ArborArgs, seq_len: int) -> int:
     """Training FLOPs per token of a model shape, counted on the meta device."""
@@ -172,41 +154,21 @@ def check_growth_events(cfg: JobConfig, events: list[dict]) -> None:
 
 def load_arm(name: str, cfg: JobConfig) -> Arm:
     """Curves of a finished run from its metrics.jsonl."""
-    train, val, events = [], [], []
-    path = Path(cfg.job.dump_folder) / cfg.job.name / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record.get("event") == "growth":
-            events.append(record)
-        elif "val_loss" in record:
-            val.append((record["step"], record["val_loss"]))
-        elif "loss" in record:
-            train.append((record["step"], record["loss"]))
+    run = RunMetrics.read(Path(cfg.job.dump_folder) / cfg.job.name)
+    events = run.events_of("growth")
     if cfg.growth.enable:
         check_growth_events(cfg, events)
-    return Arm(name, cfg, cumulative_flops(cfg), train, val, events)
-
-
-def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """The first FLOPs at which a (flops, loss) curve reaches `target`, linearly interpolated
-    between evaluations; None when it never does."""
-    for i, (flops, loss) in enumerate(curve):
-        if loss <= target:
-            if i == 0:
-                return flops
-            (f0, l0), (f1, l1) = curve[i - 1], (flops, loss)
-            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
-    return None
+    return Arm(name, cfg, cumulative_flops(cfg), run.train, run.val, events)
 
 
 def summarize(scratch: Arm, grown: Arm) -> dict:
     """The benchmark's numbers: FLOPs to the scratch run's final val loss, and the speedup."""
     target = scratch.val[-1][1]
-    scratch_flops = flops_to_reach(scratch.val_curve(), target)
-    grown_flops = flops_to_reach(grown.val_curve(), target)
+    scratch_flops = first_reach(scratch.val_curve(), target)
+    grown_flops = first_reach(grown.val_curve(), target)
     # The other direction: what the grown run's final loss costs when trained from scratch.
     grown_final = grown.val[-1][1]
-    scratch_to_grown_final = flops_to_reach(scratch.val_curve(), grown_final)
+    scratch_to_grown_final = first_reach(scratch.val_curve(), grown_final)
     return {
         "steps": scratch.cfg.training.steps,
         "grow_at": [s.at_step for s in grown.cfg.growth.stages],
@@ -288,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = {"scratch": overrides, "grown": grown_overrides}
     if not args.no_train:
         for name, arm_overrides in arms.items():
-            train(name, CONFIGS[name], arm_overrides)
+            launch(name, CONFIGS[name], arm_overrides)
     scratch, grown = (load_arm(name, load_config(CONFIGS[name], o)) for name, o in arms.items())
 
     summary = summarize(scratch, grown)

@@ -14,13 +14,6 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 
-def test_flops_to_reach_interpolates_between_evaluations():
-    curve = [(0.0, 8.0), (10.0, 6.0), (20.0, 5.0)]
-    assert bench.flops_to_reach(curve, 8.0) == 0.0
-    assert bench.flops_to_reach(curve, 5.5) == pytest.approx(15.0)
-    assert bench.flops_to_reach(curve, 4.9) is None
-
-
 def test_grown_run_counts_the_small_phase_then_the_large_one():
     args = bench.parse_args(["--quick", "--steps=6", "--grow-at=2"])
     overrides = bench.common_overrides(args)
