@@ -35,5 +35,6 @@ else
     rendezvous=(--standalone --nnodes=1)
 fi
 
-exec "${ARBOR_PYTHON}" -m torch.distributed.run "${rendezvous[@]}" \
+# torchrun, ending with the training's own one-line error when a rank stops on a user mistake.
+exec "${ARBOR_PYTHON}" -m arbor_titan.launch "${rendezvous[@]}" \
     --nproc_per_node="${NGPU}" -m arbor_titan.train "${CONFIG}" "$@"

@@ -19,6 +19,9 @@ class Callback:
     def on_train_start(self, trainer: "Trainer") -> None:
         """After the model, optimizer and data are built, before the first step."""
 
+    def on_step_start(self, trainer: "Trainer") -> None:
+        """Before each optimizer step, `trainer.state.step` steps done (after a resume too)."""
+
     def on_step_end(self, trainer: "Trainer") -> None:
         """After optimizer step `trainer.state.step` (already incremented) and its logging."""
 

@@ -11,6 +11,7 @@ from arbor_titan.checkpoint.manager import CheckpointError
 from arbor_titan.config.cli import parse_cli
 from arbor_titan.config.loader import ConfigError, to_toml
 from arbor_titan.distributed.init import barrier, shutdown
+from arbor_titan.launch import report_user_error
 from arbor_titan.metrics.console import setup_console_logging
 from arbor_titan.registry import PluginError
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             print(to_toml(cfg))
             return 0
         from arbor_titan.checkpoint.manager import CheckpointManager
-        from arbor_titan.distributed.float8 import float8_callbacks
+        from arbor_titan.context.callback import ContextCallback
+        from arbor_titan.float8_callback import float8_callbacks
         from arbor_titan.growth.callback import GrowthCallback
         from arbor_titan.registry import load_plugins
         from arbor_titan.trainer import Trainer, Validation
@@ -36,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         load_plugins(cfg.plugins.modules)
         callbacks = [Validation()] if cfg.validation.enable else []
         callbacks += float8_callbacks(cfg.float8)
-        if cfg.checkpoint.enable:
+        # Before the checkpoint manager, which saves the schedule's state after it has seen the
+        # step's loss (see arbor_titan/context/callback.py).
+        callbacks.append(ContextCallback(cfg.context, cfg.training))
+        if cfg.checkpoint.enable or cfg.checkpoint.initial_load_path:
             callbacks.append(CheckpointManager(cfg.checkpoint))
         if cfg.growth.enable:
             callbacks.append(GrowthCallback(cfg.growth))
@@ -51,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         # ARBOR_TRACEBACK=1 shows where it came from.
         if os.environ.get("ARBOR_TRACEBACK") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(f"error: {err}")
     finally:
         shutdown()
     return 0

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ from arbor_titan.distributed.reductions import (
 )
 from arbor_titan.metrics import MetricLogger, flops_per_token, memory_gib, mfu, peak_flops
 from arbor_titan.models.arbor import ArborArgs, resolve_args
+from arbor_titan.models.arbor.masking import model_inputs
+from arbor_titan.models.arbor.model import rope_table
 from arbor_titan.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("arbor_titan")
@@ -104,6 +106,8 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         dp_rank, dp_world = self.dims.dp_rank(), self.dims.dp
         seq_len, batch = cfg.training.seq_len, cfg.training.local_batch_size
+        # The shape steps run at; a context schedule changes it through `set_context`.
+        self.seq_len, self.local_batch_size = seq_len, batch
         self.train_loader = build_dataloader(
             self.data,
             "train",
@@ -135,7 +139,7 @@ class Trainer:
             "layout dp_replicate %d × dp_shard %d × tp %d × pp %d",
             cfg.model.name,
             cfg.model.flavor,
-            "" if args == flavor_args else " grown",
+            "" if self._same_shape(args, flavor_args) else " grown",
             f"{self.num_params:,}",
             args.n_layers,
             args.dim,
@@ -149,6 +153,13 @@ class Trainer:
         )
         self.compute_dtype = DTYPES[cfg.training.mixed_precision_param]
 
+    @staticmethod
+    def _same_shape(args: ArborArgs, flavor_args: ArborArgs) -> bool:
+        """Whether `args` has the flavor's weights: context settings (the RoPE table's length
+        and scaling) aside."""
+        context = {"max_seq_len": 0, "rope_scaling": None}
+        return replace(args, **context) == replace(flavor_args, **context)
+
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -156,7 +167,11 @@ class Trainer:
 
     def rebuild_model(self, args: ArborArgs) -> None:
         """Replace the model (e.g. grown) on the same mesh, with a fresh optimizer whose learning
-        rate schedule continues where it was; the caller loads weights and optimizer state."""
+        rate schedule continues where it was; the caller loads weights and optimizer state. The
+        RoPE table keeps its length and scaling: growth changes weights, not the context."""
+        args = replace(
+            args, max_seq_len=self.model_args.max_seq_len, rope_scaling=self.model_args.rope_scaling
+        )
         schedule_state = self.lr_scheduler.state_dict()
         del self.model, self.pipeline, self.optimizer, self.lr_scheduler
         if self.cfg.compile.enable:
@@ -184,8 +199,31 @@ class Trainer:
             args.n_layers,
             args.n_heads,
             args.head_dim,
-            self.cfg.training.seq_len,
+            self.seq_len,
         )
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over every data-parallel rank, at the current shape."""
+        accum = self.cfg.training.gradient_accumulation_steps
+        return self.local_batch_size * self.seq_len * accum * self.dims.dp
+
+    def set_context(self, seq_len: int, local_batch_size: int, rope: dict | None) -> None:
+        """Run the next steps at this shape: the loader re-packs from its position, tokens per
+        step and FLOPs per token (the attention term) follow the length, and a new RoPE scaling
+        recomputes the table of every local model part. Pipeline stages rebuild for the new
+        batch shape by themselves (`Pipeline.step`)."""
+        self.train_loader.set_shape(seq_len, local_batch_size)
+        self.seq_len, self.local_batch_size = seq_len, local_batch_size
+        self.flops_per_token = self._flops_per_token()
+        if rope != self.model_args.rope_scaling:
+            self.model_args = replace(self.model_args, rope_scaling=rope)
+            parts = [self.model] + (self.pipeline.parts if self.pipeline is not None else [])
+            for part in parts:
+                # A pipeline stage is a shallow copy of the model: it shares the buffer dict,
+                # but holds its own reference to the args.
+                part.args = self.model_args
+                part.rope_cache = rope_table(self.model_args).to(part.rope_cache.device)
 
     # -- the step
 
@@ -209,7 +247,8 @@ class Trainer:
                 if self.pipeline is not None:
                     loss = self.pipeline.step(inputs, labels)
                 else:
-                    loss = self.loss_fn(self.model(inputs), labels) / accum
+                    extra = model_inputs(inputs, self.cfg.data, self.tokenizer.bos_id)
+                    loss = self.loss_fn(self.model(inputs, **extra), labels) / accum
                     loss.backward()
             total_loss += replicated_value(loss.detach())
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None
@@ -220,7 +259,10 @@ class Trainer:
         return total_loss, grad_norm
 
     def validation_loss(self) -> float:
-        return self.evaluate(self.val_loader.val_batches(self.cfg.validation.steps))
+        """At `validation.seq_len`, or the current training length when that is 0."""
+        cfg = self.cfg.validation
+        seq_len = cfg.seq_len or self.seq_len
+        return self.evaluate(self.val_loader.val_batches(cfg.steps, seq_len=seq_len))
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -233,7 +275,9 @@ class Trainer:
                 if self.pipeline is not None:
                     losses.append(self.pipeline.step(inputs, labels, train=False))
                 else:
-                    losses.append(replicated_value(self.loss_fn(self.model(inputs), labels)))
+                    extra = model_inputs(inputs, self.cfg.data, self.tokenizer.bos_id)
+                    logits = self.model(inputs, **extra)
+                    losses.append(replicated_value(self.loss_fn(logits, labels)))
         self.model.train()
         return self.reduce_loss(torch.stack(losses).mean())
 
@@ -242,34 +286,31 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg.training
-        tokens_per_step = (
-            cfg.local_batch_size * cfg.seq_len * cfg.gradient_accumulation_steps * self.dims.dp
-        )
         self.train_iter = iter(self.train_loader)
         self.model.train()
         for callback in self.callbacks:
             callback.on_train_start(self)
-        logger.info(
-            "training to step %d, %s tokens per step, from step %d",
-            cfg.steps,
-            f"{tokens_per_step:,}",
-            self.state.step,
-        )
+        # The step's shape (tokens per step) is logged by the context schedule's first event.
+        logger.info("training to step %d, from step %d", cfg.steps, self.state.step)
         # Throughput counts only the time inside train_step, so validation and checkpoint
-        # callbacks don't dilute tokens/s.
-        window_seconds, window_steps = 0.0, 0
+        # callbacks don't dilute tokens/s; a window's tokens add up steps of any length.
+        window_seconds, window_tokens, window_flops = 0.0, 0, 0
         try:
             while self.state.step < cfg.steps and not self.stop_requested:
+                for callback in self.callbacks:
+                    callback.on_step_start(self)
+                tokens_per_step = self.tokens_per_step
                 lr = self.lr_scheduler.get_last_lr()[0]
                 step_start = time.perf_counter()
                 loss, grad_norm = self.train_step()
                 self.last_loss = loss
                 window_seconds += time.perf_counter() - step_start
-                window_steps += 1
+                window_tokens += tokens_per_step
+                window_flops += tokens_per_step * self.flops_per_token
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
                 if self._should_log():
-                    tokens_per_second = tokens_per_step * window_steps / window_seconds
+                    tokens_per_second = window_tokens / window_seconds
                     self.metrics.log_step(
                         self.state.step,
                         {
@@ -279,13 +320,13 @@ class Trainer:
                             "tokens_per_second": tokens_per_second,
                             "mfu": mfu(
                                 tokens_per_second / self.proc.world_size,
-                                self.flops_per_token,
+                                window_flops / window_tokens,  # the window's mean per token
                                 self.peak,
                             ),
                             "memory_gib": memory_gib(self.proc.device),
                         },
                     )
-                    window_seconds, window_steps = 0.0, 0
+                    window_seconds, window_tokens, window_flops = 0.0, 0, 0
                 for callback in self.callbacks:
                     callback.on_step_end(self)
         finally:

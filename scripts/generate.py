@@ -10,6 +10,10 @@ With several prompts (repeated --prompt, or --batch with one prompt per line of 
 decode together in one batch and each is printed whole when it finishes. Each prompt samples
 with the same --seed, so it gives the same text as when run alone.
 
+The checkpoint's RoPE scaling (model_args.json, or an HF config's rope_parameters) is used as
+saved; `--rope-scaling yarn --rope-factor 4` (other params: `--rope-param KEY=VALUE`) runs the
+model with another one, or `--rope-scaling none` without, to go past the trained length.
+
 Started by torchrun, the model is split tensor-parallel over the processes (each loads its
 shard; see plugins/inference/tensor_parallel.py) and the first one prints:
 
@@ -28,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.engine import Engine, Request
 from plugins.inference.loading import LOAD_ERRORS
+from plugins.inference.rope import context_length
 from plugins.inference.sampling import SamplingParams
 from plugins.inference.tensor_parallel import exit_without_teardown, tensor_parallel_mesh
 
@@ -134,10 +139,12 @@ def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:
     tokenizer = loaded.tokenizer
     longest = max(len(tokenizer.encode(p)) + 1 for p in prompts)  # +1: the BOS
     max_len = longest + args.max_new_tokens
-    if max_len > loaded.args.max_seq_len:
+    context = context_length(loaded.args)
+    if max_len > context:
         print(
-            f"note: {max_len} positions exceed the model's training length "
-            f"{loaded.args.max_seq_len}; RoPE is extended to cover them",
+            f"note: {max_len} positions exceed the model's context length {context} (its "
+            "training length, or what its RoPE scaling reaches); RoPE is extended to cover "
+            "them (--rope-scaling NAME --rope-factor F scales it instead)",
             file=sys.stderr,
         )
     engine = make_engine(loaded.model, tokenizer, len(prompts), max_len, args.compile)

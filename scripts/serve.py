@@ -5,6 +5,9 @@
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "def main(", "max_tokens": 32, "temperature": 0}'
 
+The KV cache holds the model's context length per sequence: its training length, or what its RoPE
+scaling reaches (the checkpoint's, or `--rope-scaling yarn --rope-factor 4` to extend it).
+
 Binds 127.0.0.1 unless --host says otherwise; with --api-key, the /v1/ endpoints need
 `Authorization: Bearer KEY`. Needs the `serve` extra: pip install -e '.[serve]'.
 
@@ -23,6 +26,7 @@ import torch.distributed as dist
 from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.lockstep import LockstepEngine, follow
+from plugins.inference.rope import context_length
 from plugins.inference.tensor_parallel import exit_without_teardown, tensor_parallel_mesh
 
 
@@ -37,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--max-len",
         type=int,
-        help="tokens per sequence, prompt + completion (default: the model's training length)",
+        help="tokens per sequence, prompt + completion (default: the model's training length, "
+        "or the length its RoPE scaling reaches: original length × factor)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     return parser.parse_args(argv)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve.py: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    max_len = args.max_len or loaded.args.max_seq_len
+    max_len = args.max_len or context_length(loaded.args)
     engine = make_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
     if args.compile:
         logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
@@ -79,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     loop = EngineLoop(engine).start()
     cfg = ServerConfig(model_name=args.model_name or "arbor", api_key=args.api_key)
     logging.info(
-        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, %s)",
+        "serving %s as %r on http://%s:%d (batch %d, context %d tokens, RoPE %s, %s)",
         loaded.source,
         cfg.model_name,
         args.host,
         args.port,
         args.max_batch,
         max_len,
+        loaded.args.rope_scaling or "plain",
         cache,
     )
     try:

@@ -50,3 +50,22 @@ def test_run_train_logs_to_tensorboard_and_jsonl(dump_folder):
     assert tb_loss == {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in steps}
     assert events.Scalars("throughput/tokens_per_second")[-1].value > 0
     assert (run_dir / "config.toml").read_text().count("[training]") == 1
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_run_train_ends_with_the_first_ranks_error_once(nproc):
+    """torchrun's failure report comes first; the user's one-line error is the last line."""
+    result = subprocess.run(
+        [str(REPO / "run_train.sh"), "--training.stepz=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NGPU": str(nproc)},
+    )
+    error = "error: command line: unknown key 'training.stepz'; did you mean 'training.steps'?"
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert result.stderr.rstrip("\n").splitlines()[-1] == error
+    assert output.count(error) == 1
+    assert "ChildFailedError" not in output and "Traceback" not in output

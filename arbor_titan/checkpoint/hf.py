@@ -6,6 +6,7 @@ which is Hugging Face's `rotate_half`, so wq/wk rows are already in HF's order. 
 Llama checkpoints (and TorchTitan's) rotate interleaved pairs (2i, 2i+1) and need HF's
 `permute` on conversion; ours do not. tests/checkpoint/test_convert.py proves it: the exported
 model's logits in `transformers` equal ours, and a `transformers` model imports with equal logits.
+A RoPE scaling travels as transformers' `rope_parameters` (see `hf_rope_parameters`).
 
 Export writes one `model.safetensors`, or HF's sharded layout with an index when the weights
 exceed `max_shard_bytes`; only one shard is in memory at a time (with safetensors' serialized
@@ -15,6 +16,7 @@ files, so it needs little memory beyond the page cache.
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import sentencepiece as spm
@@ -34,8 +36,10 @@ from arbor_titan.checkpoint.convert import (
     some_names,
     write_model_args,
 )
-from arbor_titan.checkpoint.folders import TOKENIZER_FILE
+from arbor_titan.checkpoint.folders import MODEL_ARGS_FILE, TOKENIZER_FILE
+from arbor_titan.config.loader import ConfigError
 from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.models.arbor.rope import build_rope_scaling, check_rope_scaling, scaling_name
 
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -88,11 +92,93 @@ def from_hf_name(name: str) -> str | None:
     return _rename(name, _FROM_HF_TOP, _FROM_HF_LAYER, _HF_LAYER, "layers.")
 
 
+# -- RoPE scaling
+
+# Our rope_scaling plugins that transformers implements, by its rope_type. Their params keep their
+# names except the pre-extension length (ORIGINAL_LENGTH), which transformers calls
+# HF_ORIGINAL_LENGTH; `ntk` has no rope_type and is written as the plain RoPE it equals.
+_HF_ROPE_TYPES = {"linear": "linear", "dynamic_ntk": "dynamic", "yarn": "yarn", "llama3": "llama3"}
+_FROM_HF_ROPE_TYPES = {hf: ours for ours, hf in _HF_ROPE_TYPES.items()}
+ORIGINAL_LENGTH = "original_max_seq_len"
+HF_ORIGINAL_LENGTH = "original_max_position_embeddings"
+
+
+def hf_rope_parameters(args: ArborArgs) -> tuple[dict, int]:
+    """transformers' `rope_parameters` for the args' RoPE (every param written out, defaults
+    included) and the `max_position_embeddings` to go with them.
+
+    Two scalings change shape on the way: a fixed NTK-aware scaling is plain RoPE with a larger
+    base, written as that (it imports back as plain RoPE with that base); transformers' dynamic
+    NTK takes its original length from `max_position_embeddings`, so that is what `dynamic_ntk`
+    writes there (and reads back as the training length).
+    """
+    try:
+        scaling = build_rope_scaling(args.rope_scaling)
+    except ConfigError as err:
+        raise ConversionError(str(err)) from err
+    plain = {"rope_type": "default", "rope_theta": args.rope_theta}
+    name = scaling_name(args.rope_scaling)
+    if scaling is None:
+        return plain, args.max_seq_len
+    if name == "ntk":
+        # Plain RoPE's θ_1 = base^(-2/d) gives the base back.
+        inv_freq = scaling.inv_freq(args.head_dim, args.rope_theta, args.max_seq_len)
+        return {**plain, "rope_theta": float(inv_freq[1]) ** (-args.head_dim / 2)}, args.max_seq_len
+    if name not in _HF_ROPE_TYPES:
+        raise ConversionError(
+            f"RoPE scaling {name!r} has no transformers equivalent (exported: "
+            f"{', '.join(['ntk', *_HF_ROPE_TYPES])})"
+        )
+    params = {key: value for key, value in asdict(scaling.params).items() if value is not None}
+    rope = {"rope_type": _HF_ROPE_TYPES[name], "rope_theta": args.rope_theta, **params}
+    if name == "dynamic_ntk":
+        return rope, rope.pop(ORIGINAL_LENGTH)
+    if ORIGINAL_LENGTH in rope:
+        rope[HF_ORIGINAL_LENGTH] = rope.pop(ORIGINAL_LENGTH)
+    return rope, args.max_seq_len
+
+
+def rope_from_hf_config(config: dict, path: Path) -> tuple[float, dict | None]:
+    """The RoPE base and our scaling settings (None: plain) for a Llama config.json, read as
+    transformers v5 does: `rope_scaling` when set, else `rope_parameters`. A rope_type we don't
+    implement (longrope, ...) is refused by name."""
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    rope = dict(config.get(key) or {})
+    theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    rotary_fraction = rope.pop("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if rotary_fraction not in (None, 1, 1.0):
+        raise ConversionError(f"{path}: partial_rotary_factor={rotary_fraction} is not supported")
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in _FROM_HF_ROPE_TYPES:
+        supported = ", ".join(["default", *_FROM_HF_ROPE_TYPES])
+        raise ConversionError(
+            f"{path}: {key}.rope_type {rope_type!r} is not supported (supported: {supported})"
+        )
+    name = _FROM_HF_ROPE_TYPES[rope_type]
+    settings = {"type": name, **rope}
+    max_positions = config.get("max_position_embeddings", 2048)
+    if HF_ORIGINAL_LENGTH in settings:
+        settings[ORIGINAL_LENGTH] = settings.pop(HF_ORIGINAL_LENGTH)
+    if name == "dynamic_ntk":
+        settings[ORIGINAL_LENGTH] = max_positions
+    elif name != "linear":  # transformers' default for yarn and llama3
+        settings.setdefault(ORIGINAL_LENGTH, max_positions)
+    try:
+        check_rope_scaling(settings, key)
+    except ConfigError as err:
+        raise ConversionError(f"{path}: {err}") from err
+    return theta, settings
+
+
 # -- config.json
 
 
 def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict:
     """LlamaConfig's fields for `args`; bos/eos ids come from the tokenizer when there is one."""
+    rope, max_positions = hf_rope_parameters(args)
+    without_theta = {key: value for key, value in rope.items() if key != "rope_theta"}
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -103,12 +189,13 @@ def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> di
         "num_key_value_heads": args.n_kv_heads,
         "head_dim": args.head_dim,
         "rms_norm_eps": args.norm_eps,
-        # transformers v5 reads rope_parameters; earlier versions read rope_theta/rope_scaling.
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        # transformers v5 reads rope_parameters (or rope_scaling first, when it is set);
+        # earlier versions read rope_theta and rope_scaling.
+        "rope_theta": rope["rope_theta"],
+        "rope_scaling": None if rope["rope_type"] == "default" else without_theta,
+        "rope_parameters": rope,
         "vocab_size": args.vocab_size,
-        "max_position_embeddings": args.max_seq_len,
+        "max_position_embeddings": max_positions,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
@@ -128,10 +215,7 @@ def args_from_hf_config(config: dict, path: Path) -> ArborArgs:
     for key, wanted in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if config.get(key, wanted) != wanted:
             raise ConversionError(f"{path}: {key}={config[key]!r} is not supported ({wanted!r})")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConversionError(f"{path}: RoPE scaling {rope_type!r} is not supported (plain RoPE)")
+    rope_theta, rope_scaling = rope_from_hf_config(config, path)
     try:
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         args = ArborArgs(
@@ -142,10 +226,11 @@ def args_from_hf_config(config: dict, path: Path) -> ArborArgs:
             ffn_dim=config["intermediate_size"],
             vocab_size=config["vocab_size"],
             norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             tie_embeddings=config.get("tie_word_embeddings", False),
             max_seq_len=config.get("max_position_embeddings", 2048),
             head_dim=config.get("head_dim") or 0,
+            rope_scaling=rope_scaling,
         )
     except KeyError as err:
         raise ConversionError(f"{path}: missing {err.args[0]!r}") from err
@@ -191,6 +276,12 @@ def dcp_to_hf(
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
+    tokenizer = src / TOKENIZER_FILE
+    saved_dtype = dtype or weights.specs[weights.names[0]].properties.dtype
+    try:  # before any weight is written: a scaling transformers lacks stops the export
+        config = hf_config(weights.args, saved_dtype, tokenizer if tokenizer.is_file() else None)
+    except ConversionError as err:
+        raise ConversionError(f"{src / MODEL_ARGS_FILE}: {err}") from err
     progress = TensorProgress("convert", len(weights.names), emit)
     weight_map = {}
     with new_output(out) as temp:
@@ -205,9 +296,6 @@ def dcp_to_hf(
         if len(files) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (temp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-        tokenizer = src / TOKENIZER_FILE
-        saved_dtype = dtype or weights.specs[weights.names[0]].properties.dtype
-        config = hf_config(weights.args, saved_dtype, tokenizer if tokenizer.is_file() else None)
         (temp / CONFIG_JSON).write_text(json.dumps(config, indent=2))
         copy_side_files(src, temp, (TOKENIZER_FILE,))
 

@@ -1,4 +1,8 @@
-"""Saving and resuming a run: a `Callback` that owns the checkpoint folder of one job."""
+"""Saving and resuming a run: a `Callback` that owns the checkpoint folder of one job.
+
+With `checkpoint.enable = false` it is registered only to load `initial_load_path`: it then
+neither saves nor looks at the job's own checkpoint folder.
+"""
 
 import logging
 import shutil
@@ -89,15 +93,18 @@ class CheckpointManager(Callback):
         return saved
 
     def on_train_start(self, trainer: "Trainer") -> None:
-        trainer.checkpointer = self
         folder = self._resume_folder(trainer)
         if folder is not None:
             self._load(trainer, folder)
         elif self.cfg.initial_load_path:
             self._load_initial_weights(trainer, Path(self.cfg.initial_load_path))
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.cfg.enable:
+            trainer.checkpointer = self
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def on_step_end(self, trainer: "Trainer") -> None:
+        if not self.cfg.enable:
+            return
         step, last = trainer.state.step, trainer.cfg.training.steps
         stop = _any_rank(self._stop_signal)
         if step % self.cfg.interval == 0 or step == last or stop:
@@ -183,6 +190,8 @@ class CheckpointManager(Callback):
 
     def _resume_folder(self, trainer: "Trainer") -> Path | None:
         """The checkpoint this run resumes from, chosen once by rank 0 for every rank."""
+        if not self.cfg.enable:
+            return None
         if self.root is None:
             self.root = trainer.run_dir / self.cfg.folder
             if trainer.proc.is_main:
@@ -240,6 +249,14 @@ class CheckpointManager(Callback):
         def in_checkpoint(key: str) -> bool:
             return any(s == key or s.startswith(key + ".") for s in saved)
 
+        if not in_checkpoint("optimizer") or not in_checkpoint("train_state"):
+            raise CheckpointError(
+                f"{folder} holds model weights only (checkpoint.model_weights_only): it has no "
+                "optimizer state or step to resume this run from. Resume from a full checkpoint "
+                "with --checkpoint.load_step=N, or start a new run from these weights with "
+                f"--checkpoint.initial_load_path={folder} and another --job.name"
+            )
+
         states = self._states(trainer)
         # Per-rank entries exist only when this rank's counterpart saved. Under another layout
         # (a different data-parallel world) every rank reads data rank 0's loader state and
@@ -248,6 +265,15 @@ class CheckpointManager(Callback):
         loader_key = f"dataloader_dp_rank_{trainer.dims.dp_rank()}"
         if not in_checkpoint(loader_key) and in_checkpoint("dataloader_dp_rank_0"):
             states["dataloader_dp_rank_0"] = states.pop(loader_key)
+            loader_key = "dataloader_dp_rank_0"
+        if in_checkpoint(loader_key):  # an old loader format: say so before DCP misses a key
+            prefix = f"{loader_key}."
+            try:
+                trainer.train_loader.check_state_keys(
+                    key.removeprefix(prefix) for key in saved if key.startswith(prefix)
+                )
+            except ValueError as error:
+                raise CheckpointError(f"{folder}: {error}") from None
         missing = [key for key in states if not in_checkpoint(key)]
         for key in missing:
             states.pop(key)

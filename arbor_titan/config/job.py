@@ -32,12 +32,12 @@ class JobSection:
 class TrainingConfig:
     """The `[training]` section: the optimization loop's sizes and numerics."""
 
-    steps: int = option(200, "Optimizer steps to train.")
-    local_batch_size: int = option(8, "Sequences per micro-batch on each data-parallel rank.")
-    seq_len: int = option(256, "Tokens per training sequence.")
-    gradient_accumulation_steps: int = option(1, "Micro-batches summed per optimizer step.")
-    max_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).")
-    seed: int = option(0, "Seed for model init, data order and sampling.")
+    steps: int = option(200, "Optimizer steps to train.", ge=1)
+    local_batch_size: int = option(8, "Sequences per micro-batch on each data-parallel rank.", ge=1)
+    seq_len: int = option(256, "Tokens per training sequence.", ge=1)
+    gradient_accumulation_steps: int = option(1, "Micro-batches summed per optimizer step.", ge=1)
+    max_norm: float = option(1.0, "Gradient clipping norm (0 disables clipping).", ge=0)
+    seed: int = option(0, "Seed for model init, data order and sampling.", ge=0)
     mixed_precision_param: str = option(
         "float32", "Compute dtype: float32 or bfloat16 (FSDP2 casts parameters, else autocast)."
     )
@@ -45,11 +45,6 @@ class TrainingConfig:
     cpu_offload: bool = option(False, "FSDP2: keep sharded parameters and optimizer state on CPU.")
 
     def __post_init__(self) -> None:
-        for key in ("steps", "local_batch_size", "seq_len", "gradient_accumulation_steps"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"training.{key} must be positive, got {getattr(self, key)}")
-        if self.max_norm < 0:
-            raise ValueError(f"training.max_norm must be >= 0, got {self.max_norm}")
         for key in ("mixed_precision_param", "mixed_precision_reduce"):
             if getattr(self, key) not in PRECISIONS:
                 raise ValueError(
@@ -62,12 +57,11 @@ class ValidationConfig:
     """The `[validation]` section: held-out loss during training."""
 
     enable: bool = option(True, "Compute validation loss on the held-out split.")
-    freq: int = option(100, "Validate every this many steps (and at the last step).")
-    steps: int = option(10, "Validation batches per evaluation.")
-
-    def __post_init__(self) -> None:
-        if self.freq <= 0 or self.steps <= 0:
-            raise ValueError("validation.freq and validation.steps must be positive")
+    freq: int = option(100, "Validate every this many steps (and at the last step).", ge=1)
+    steps: int = option(10, "Validation batches per evaluation.", ge=1)
+    seq_len: int = option(
+        0, "Sequence length of the held-out batches; 0: the current training length.", ge=0
+    )
 
 
 @dataclass

@@ -5,12 +5,17 @@ One override rule: dataclass defaults ← TOML files (a chain of `extends`) ← 
 
 import dataclasses
 import difflib
+import json
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
+
+from arbor_titan.config.fields import Bounds
 
 
 class ConfigError(Exception):
@@ -29,7 +34,13 @@ def load_toml_chain(path: Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, Ori
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} on line {line}); "
+            "TOML files must be UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     parent = raw.pop("extends", None)
@@ -125,8 +136,15 @@ def build(schema: type, raw: dict, origins: Origins) -> Any:
     return schema(**values)
 
 
-def build_section(section: str, cls: type, table: dict, origins: Origins) -> Any:
+def build_section(section: str, cls: type, table: dict, origins: Origins, owner: str = "") -> Any:
+    """`cls(**table)` with every key, type and range checked; `owner` (a plugin's name) is named
+    when a required key is missing."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in table:
+            by = f" by {owner}" if owner else ""
+            raise ConfigError(f"{section}.{name}: required{by} ({f.metadata.get('help', '')})")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in table.items():
@@ -135,7 +153,9 @@ def build_section(section: str, cls: type, table: dict, origins: Origins) -> Any
             raise ConfigError(
                 _unknown(dotted, {f"{section}.{k}" for k in fields}, origins.get(dotted), "key")
             )
-        kwargs[key] = coerce(value, hints[key], dotted, origins.get(dotted, "config"))
+        origin = origins.get(dotted, "config")
+        kwargs[key] = coerce(value, hints[key], dotted, origin)
+        check_numbers(kwargs[key], fields[key].metadata.get("bounds"), dotted, origin)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
@@ -163,7 +183,7 @@ def coerce(value: Any, tp: Any, dotted: str, origin: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(dotted, origin, tp, value)
-        return build_section(dotted, tp, value, {})
+        return build_section(dotted, tp, value, {f"{dotted}.{k}": origin for k in value})
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (
@@ -178,6 +198,21 @@ def coerce(value: Any, tp: Any, dotted: str, origin: str) -> Any:
     if isinstance(tp, type) and not isinstance(value, tp):
         raise _type_error(dotted, origin, tp, value)
     return value
+
+
+def check_numbers(value: Any, bounds: Bounds | None, dotted: str, origin: str) -> None:
+    """Reject a number outside the key's declared range, and any NaN or infinite float: one
+    such value poisons a whole run (a NaN learning rate trains nothing, silently)."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_numbers(item, bounds, f"{dotted}[{i}]", origin)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if bounds is not None and not bounds.admits(value):
+        raise ConfigError(f"{origin}: {dotted} must be {bounds}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{origin}: {dotted} must be a finite number, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -201,41 +236,17 @@ def _unknown(name: str, valid: typing.Iterable[str], origin: str | None, what: s
 
 
 def to_toml(cfg: Any) -> str:
-    """The resolved config as TOML text, one table per section (written into every run)."""
-    lines = []
-    for section in dataclasses.fields(cfg):
-        value = getattr(cfg, section.name)
-        scalars = {k: v for k, v in dataclasses.asdict(value).items() if not _is_table_list(v)}
-        lines.append(f"[{section.name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items() if v is not None)
-        lines.append("")
-        for key, tables in dataclasses.asdict(value).items():
-            if _is_table_list(tables):
-                for table in tables:
-                    lines.append(f"[[{section.name}.{key}]]")
-                    lines.extend(
-                        f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None
-                    )
-                    lines.append("")
-    return "\n".join(lines)
+    """The resolved config as TOML text, one table per section (written into every run); it
+    loads back equal. Unset (None) values are left out: TOML has no null."""
+    return tomli_w.dumps(_without_none(dataclasses.asdict(cfg)))
 
 
-def _is_table_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+def _without_none(value: Any) -> Any:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {value!r} as TOML")
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 def help_text(schema: type) -> str:
@@ -246,9 +257,9 @@ def help_text(schema: type) -> str:
         hints = typing.get_type_hints(section.type)
         for f in dataclasses.fields(section.type):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = _toml_value(default) if default is not None else "unset"
-            lines.append(
-                f"  {section.name}.{f.name} ({_type_name(hints[f.name])}, default {shown})"
-            )
+            shown = json.dumps(default) if default is not None else "unset"
+            bounds = f.metadata.get("bounds")
+            kind = _type_name(hints[f.name]) + (f" {bounds}" if bounds else "")
+            lines.append(f"  {section.name}.{f.name} ({kind}, default {shown})")
             lines.append(f"      {f.metadata.get('help', '')}")
     return "\n".join(lines)

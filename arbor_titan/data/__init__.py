@@ -6,17 +6,20 @@ and `build_dataloader` (one rank's batches of one split).
 
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.data.corpus import Corpus
-from arbor_titan.data.dataset import PackedSequences
-from arbor_titan.data.loader import TokenLoader, build_dataloader
+from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
+from arbor_titan.data.loader import TokenLoader, TokenSpan, build_dataloader
 from arbor_titan.data.prepare import PreparedData, prepare_data
 from arbor_titan.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = [
     "Corpus",
     "DataConfig",
+    "Documents",
+    "EpochStream",
     "PackedSequences",
     "PreparedData",
     "TokenLoader",
+    "TokenSpan",
     "Tokenizer",
     "TokenizerConfig",
     "build_dataloader",

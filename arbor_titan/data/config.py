@@ -17,10 +17,21 @@ class DataConfig:
     paths: list[str] = option([], "Files or glob patterns ('**' recurses) for text/jsonl sources.")
     text_field: str = option("text", "Key of the document text in each JSONL object.")
     val_fraction: float = option(
-        0.02, "Share of documents held out for validation, chosen by a stable hash of their name."
+        0.02,
+        "Share of documents held out for validation, chosen by a stable hash of their name.",
+        ge=0,
+        lt=1,
     )
-    max_files: int = option(0, "Use only the first N files after sorting (0 = all).")
-    num_workers: int = option(0, "Data loader worker processes per rank (0 = load in-process).")
+    max_files: int = option(0, "Use only the first N files after sorting (0 = all).", ge=0)
+    num_workers: int = option(
+        0, "Data loader worker processes per rank (0 = load in-process).", ge=0
+    )
+    document_mask: bool = option(
+        False, "Packed documents don't attend across their boundaries (each starts at a BOS)."
+    )
+    restart_positions: bool = option(
+        False, "With document_mask: RoPE positions restart at 0 at each document."
+    )
 
 
 @dataclass
@@ -30,9 +41,12 @@ class TokenizerConfig:
     path: str = option(
         "", "An existing sentencepiece .model file; empty = train one on the corpus."
     )
-    vocab_size: int = option(2000, "Vocabulary size when training a tokenizer.")
+    # 256 byte-fallback pieces plus unk/bos/eos must fit, with room for real merges.
+    vocab_size: int = option(2000, "Vocabulary size when training a tokenizer.", ge=300)
     max_sentences: int = option(
-        400000, "Cap on corpus chunks sampled for tokenizer training, to keep it fast."
+        400000,
+        "Cap on corpus chunks sampled for tokenizer training, to keep it fast.",
+        gt=100,  # sentencepiece's own lower bound
     )
 
 
@@ -47,18 +61,8 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.paths must name files or globs when data.source = {cfg.source!r}")
     if not cfg.text_field:
         raise ValueError("data.text_field must not be empty")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.max_files < 0:
-        raise ValueError(f"data.max_files must be >= 0, got {cfg.max_files}")
-    if cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
-
-
-def check_tokenizer_config(cfg: TokenizerConfig) -> None:
-    """Raise ValueError naming the `tokenizer.*` key whose value cannot work."""
-    # 256 byte-fallback pieces plus unk/bos/eos must fit, with room for real merges.
-    if cfg.vocab_size < 300:
-        raise ValueError(f"tokenizer.vocab_size must be >= 300, got {cfg.vocab_size}")
-    if cfg.max_sentences <= 100:  # sentencepiece's own lower bound
-        raise ValueError(f"tokenizer.max_sentences must be > 100, got {cfg.max_sentences}")
+    if cfg.restart_positions and not cfg.document_mask:
+        raise ValueError(
+            "data.restart_positions = true needs data.document_mask = true (positions restart "
+            "at documents that the mask separates)"
+        )

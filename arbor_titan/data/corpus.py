@@ -3,6 +3,12 @@
 Documents come in a deterministic order. Bad ones (invalid UTF-8 or JSON, a missing field, no
 text) are skipped and counted, and the counts are reported, so a broken corpus never turns
 silently into a small or empty run.
+
+The split holds out whole documents, chosen by a stable hash of their names, when the corpus has
+enough of them: `val_fraction` of the documents is at least one. A corpus of a few large files
+can't be split that way (one file out of two is half the data; out of one, nothing), so there
+the validation split is the last `val_fraction` of the token stream instead (`SplitPlan.by_tokens`;
+the token cache cuts it, and the tokenizer trains on the whole text, that tail included).
 """
 
 import glob
@@ -34,6 +40,7 @@ class SplitPlan:
     val_names: frozenset[str]
     num_docs: dict[str, int]
     skipped: Counter
+    by_tokens: bool = False  # too few documents: val is the stream's last val_fraction of tokens
 
     def split_of(self, name: str) -> str:
         return "val" if name in self.val_names else "train"
@@ -74,8 +81,10 @@ class Corpus:
                 val.add(name)
         if not count:
             raise ValueError(f"no usable documents in the corpus: {describe_skips(skipped)}")
-        # Tiny corpora still get one validation and one training document when they can.
-        if not val and self.cfg.val_fraction > 0 and count >= 2:
+        if 0 < count * self.cfg.val_fraction < 1:
+            return SplitPlan(frozenset(), {"train": count, "val": 0}, skipped, by_tokens=True)
+        # The hash may still pick no document, or all: keep one in each split.
+        if not val and self.cfg.val_fraction > 0:
             val.add(lowest[1])
         if len(val) == count:
             val.discard(highest[1])

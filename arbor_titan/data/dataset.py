@@ -1,51 +1,42 @@
-"""Packing: a token stream seen as fixed-length training sequences, shuffled and sharded by rank."""
+"""Packing: a split's documents, concatenated in an epoch's order and cut into training windows.
+
+Nothing here copies the token stream: an epoch is a permutation of document indices plus two
+int64 numbers per document, and a window is read as a few slices of the memory-mapped file.
+"""
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+# Tokens compared with BOS at a time while finding documents: bounds the scan's scratch memory.
+_SCAN_TOKENS = 1 << 24
 
-class PackedSequences(Dataset):
-    """Non-overlapping windows of `seq_len + 1` tokens; this rank's share of one epoch's order.
 
-    Epoch `e` visits windows in `default_rng(seed + e).permutation(num_seq)` order (or in stream
-    order when `shuffle` is off); rank r takes every `dp_world`-th of them from position r, cut
-    so that all ranks get the same number. Item i is `(inputs, labels)`, labels shifted by one.
+class Documents:
+    """A split's token stream `[BOS] doc [EOS] [BOS] doc [EOS] ...` and where each document starts.
+
+    The starts are found once, from the BOS tokens; `starts[-1]` is the stream's length.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        seq_len: int,
-        dp_rank: int = 0,
-        dp_world: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-    ):
-        if not 0 <= dp_rank < dp_world:
-            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world={dp_world})")
-        self.tokens, self.seq_len = tokens, seq_len
-        self.dp_rank, self.dp_world, self.seed, self.shuffle = dp_rank, dp_world, seed, shuffle
-        self.num_seq = len(tokens) // (seq_len + 1)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select epoch `epoch`'s order from this rank's `start`-th window on; call before a new
-        pass (and before workers start)."""
-        self.epoch, self.start = epoch, start
-        order = np.arange(self.num_seq)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + epoch).permutation(self.num_seq)
-        per_rank = self.num_seq // self.dp_world
-        self._windows = order[self.dp_rank :: self.dp_world][:per_rank][start:]
+    def __init__(self, tokens: np.ndarray, bos_id: int):
+        if len(tokens) and tokens[0] != bos_id:
+            raise ValueError(
+                f"a token stream must start with BOS ({bos_id}), this one starts with "
+                f"{int(tokens[0])}: it is not a token cache file of this tokenizer"
+            )
+        self.tokens = tokens
+        found = [
+            np.flatnonzero(tokens[i : i + _SCAN_TOKENS] == bos_id) + i
+            for i in range(0, len(tokens), _SCAN_TOKENS)
+        ]
+        self.starts = np.concatenate([*found, [len(tokens)]]).astype(np.int64)
 
     def __len__(self) -> int:
-        return len(self._windows)
+        return len(self.starts) - 1
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = int(self._windows[i]) * (self.seq_len + 1)
-        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return window[:-1], window[1:]
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
 
     def __getstate__(self) -> dict:
         # A memmap would pickle as a full copy of the file: send its name and reopen instead.
@@ -59,3 +50,71 @@ class PackedSequences(Dataset):
             filename, dtype = state["tokens"]
             state["tokens"] = np.memmap(filename, dtype=dtype, mode="r")
         self.__dict__.update(state)
+
+
+class EpochStream:
+    """The documents concatenated in `order` (indices into `documents`): one epoch's stream.
+
+    Epoch position p inside the k-th ordered document is file position p + `_shift[k]`.
+    """
+
+    def __init__(self, documents: Documents, order: np.ndarray):
+        self.documents = documents
+        lengths = np.diff(documents.starts)[order]
+        # bounds[k]: where the k-th ordered document begins in the epoch stream.
+        self.bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._shift = documents.starts[order] - self.bounds[:-1]
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens `[start, start + length)` of the stream as int64, across documents."""
+        stop = start + length
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"tokens [{start}, {stop}) are outside the stream of {len(self)}")
+        out = np.empty(length, np.int64)
+        doc = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        position = start
+        while position < stop:
+            piece_stop = min(stop, int(self.bounds[doc + 1]))
+            shift = int(self._shift[doc])
+            out[position - start : piece_stop - start] = self.documents.tokens[
+                position + shift : piece_stop + shift
+            ]
+            position, doc = piece_stop, doc + 1
+        return out
+
+
+class PackedSequences(Dataset):
+    """One data-parallel rank's windows of an epoch stream, from global token `cursor` on.
+
+    The stream from the cursor is cut into consecutive windows of `seq_len + 1` tokens; rank r
+    of `dp_world` takes windows r, r + W, r + 2W, ... (item i is window i·W + r), and every rank
+    gets the same number, so a batch of B items on every rank covers W·B whole windows in a row.
+    Item i is `(inputs, labels)`, labels shifted by one.
+    """
+
+    def __init__(
+        self,
+        stream: EpochStream,
+        cursor: int,
+        seq_len: int,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+    ):
+        self.stream, self.cursor, self.seq_len = stream, cursor, seq_len
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        windows = max(0, len(stream) - cursor) // (seq_len + 1)
+        self._len = windows // dp_world
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self._len:
+            raise IndexError(f"window {i} of {self._len}")
+        window = i * self.dp_world + self.dp_rank
+        start = self.cursor + window * (self.seq_len + 1)
+        tokens = torch.from_numpy(self.stream.read(start, self.seq_len + 1))
+        return tokens[:-1], tokens[1:]

@@ -1,99 +1,189 @@
-"""Batches of packed sequences: an endless, resumable training stream and a fixed validation set."""
+"""Batches of packed documents: an endless training stream whose sequence length and micro-batch
+may change mid-run without losing or repeating a token, and a fixed validation set."""
 
 import itertools
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader
 
-from arbor_titan.data.dataset import PackedSequences
+from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
 from arbor_titan.data.prepare import PreparedData
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# What a saved loader state holds; the loader that read fixed windows saved other keys.
+_STATE_KEYS = ("epoch", "cursor", "seq_len", "batch_size", "dp_world")
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    """Tokens `[start, stop)` of epoch `epoch`'s stream: what one batch of every data-parallel
+    rank together consumed."""
+
+    epoch: int
+    start: int
+    stop: int
+
 
 class TokenLoader:
-    """Yields `(inputs[B, S], labels[B, S])` int64 batches of one rank's shard, epoch after epoch.
+    """Yields `(inputs[B, S], labels[B, S])` int64 batches: one rank's share of the split.
 
-    `state_dict()` after k batches, loaded into a fresh loader, makes it yield batch k + 1 next,
-    also across an epoch boundary.
+    An epoch's stream is the split's documents, concatenated in a per-epoch random order
+    (training) or in file order (validation). Every batch of all data-parallel ranks together
+    takes the next `dp_world · batch_size · (seq_len + 1)` tokens from the global `cursor`, so
+    the cursor alone says where the run is, whatever the layout. `set_shape` changes the window
+    length and micro-batch from the next batch on, starting at the cursor. An epoch ends when a
+    batch no longer fits; its tail is dropped and the next epoch starts at cursor 0.
     """
 
-    def __init__(self, dataset: PackedSequences, split: str, batch_size: int, num_workers: int):
-        self.dataset, self.split = dataset, split
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self._loader = self._new_loader()
-        self._iter: Iterator | None = None
-        self._consumed = 0  # windows of this rank's shard taken in the current epoch
-
-    def _new_loader(self) -> StatefulDataLoader:
-        # torchdata 0.11 calls a torch API that 2.13 deprecated: noise that says nothing of our run.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
-            return StatefulDataLoader(
-                self.dataset,
-                batch_size=self.batch_size,
-                drop_last=True,
-                num_workers=self.num_workers,
-            )
+    def __init__(
+        self,
+        documents: Documents,
+        split: str,
+        seq_len: int,
+        batch_size: int,
+        dp_rank: int,
+        dp_world: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world={dp_world})")
+        self.documents, self.split = documents, split
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.seed, self.num_workers = seed, num_workers
+        self.shuffle = split == "train"
+        self._check_fits(
+            seq_len, batch_size, "use a smaller training.seq_len or training.local_batch_size"
+        )
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.epoch, self.cursor = 0, 0
+        self.last_span: TokenSpan | None = None  # the latest batch's tokens, all ranks together
+        self._stream = self._epoch_stream(0)
+        self._batches: Iterator | None = None
 
     @property
-    def epoch(self) -> int:
-        return self.dataset.epoch
+    def tokens_per_batch(self) -> int:
+        """Global tokens one batch of every rank consumes (each window's last is a label only)."""
+        return self.dp_world * self.batch_size * (self.seq_len + 1)
+
+    def set_shape(self, seq_len: int, batch_size: int) -> None:
+        """Cut windows of `seq_len + 1` tokens into batches of `batch_size` from the next batch
+        on, starting where the previous batch ended."""
+        self._check_fits(seq_len, batch_size, "use a shorter seq_len or a smaller batch")
+        if (seq_len, batch_size) != (self.seq_len, self.batch_size):
+            self.seq_len, self.batch_size = seq_len, batch_size
+            self._batches = None  # prefetched batches of the old shape are dropped, not consumed
 
     def __iter__(self) -> "TokenLoader":
         return self
 
     def __next__(self) -> Batch:
-        if self._iter is None:
-            self._iter = iter(self._loader)
-        try:
-            inputs, labels = next(self._iter)
-        except StopIteration:  # the epoch is over: reshuffle and go on
-            self._start_epoch(self.epoch + 1, start=0)
-            self._iter = iter(self._loader)
-            inputs, labels = next(self._iter)
-        self._consumed += len(inputs)
+        if self._batches is None:
+            self._batches = iter(self._loader(self._stream, self.cursor, self.seq_len))
+        batch = next(self._batches, None)
+        if batch is None:  # the epoch is over: reshuffle and go on
+            self._go_to(self.epoch + 1, cursor=0)
+            self._batches = iter(self._loader(self._stream, self.cursor, self.seq_len))
+            batch = next(self._batches)
+        start, self.cursor = self.cursor, self.cursor + self.tokens_per_batch
+        self.last_span = TokenSpan(self.epoch, start, self.cursor)
+        inputs, labels = batch
         return inputs, labels
 
-    def _start_epoch(self, epoch: int, start: int) -> None:
-        self.dataset.set_epoch(epoch, start)
-        self._consumed = start
-
     def state_dict(self) -> dict:
+        """The position (epoch, global token cursor) and the shape; `dp_world` tells whether the
+        per-rank batch size applies where it is loaded."""
         return {
             "epoch": self.epoch,
-            "loader": self._loader.state_dict(),
-            "start": self.dataset.start,
-            # Sequences of this epoch that all data-parallel ranks together have consumed: the
-            # layout-free position, since rank r reads windows r, r + world, r + 2·world, ...
-            "global_consumed": self._consumed * self.dataset.dp_world,
-            "dp_world": self.dataset.dp_world,
+            "cursor": self.cursor,
+            "seq_len": self.seq_len,
             "batch_size": self.batch_size,
+            "dp_world": self.dp_world,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume exactly on the same layout; on another data-parallel world size, resume at the
-        same global position (rounded down to a whole window per rank)."""
-        same_layout = (state["dp_world"], state["batch_size"]) == (
-            self.dataset.dp_world,
-            self.batch_size,
-        )
-        if same_layout:
-            self._start_epoch(state["epoch"], state["start"])
-            self._loader.load_state_dict(state["loader"])
-            self._consumed = state["global_consumed"] // self.dataset.dp_world
-        else:
-            self._start_epoch(state["epoch"], state["global_consumed"] // self.dataset.dp_world)
-            self._loader = self._new_loader()
-        self._iter = None
+        """Resume at the saved global position on any data-parallel layout.
 
-    def val_batches(self, max_batches: int) -> Iterator[Batch]:
-        """The first `max_batches` batches of the unshuffled split: the same every call."""
+        The sequence length is restored; the micro-batch size too when the data-parallel world
+        size is the saved one. On another world size the per-rank batch size this loader was
+        built with (the new layout's configuration) stays.
+        """
+        self.check_state_keys(state)
+        cursor = int(state["cursor"])
+        if cursor > self.documents.num_tokens:
+            raise ValueError(
+                f"the saved data position (token {cursor:,}) is past the end of the "
+                f"{self.split} split ({self.documents.num_tokens:,} tokens): the data.* "
+                "settings or the corpus changed since the checkpoint"
+            )
+        same_layout = int(state["dp_world"]) == self.dp_world
+        batch_size = int(state["batch_size"]) if same_layout else self.batch_size
+        self.set_shape(int(state["seq_len"]), batch_size)
+        self._go_to(int(state["epoch"]), cursor)
+
+    @staticmethod
+    def check_state_keys(keys: Iterable[str]) -> None:
+        """Refuse a saved state that has no token cursor, before anything is read into it.
+
+        A checkpoint reader calls this with the saved keys: DCP would otherwise only report
+        the first key it misses."""
+        saved = set(keys)
+        missing = [key for key in _STATE_KEYS if key not in saved]
+        if missing:
+            raise ValueError(
+                f"the data loader state lacks {', '.join(missing)}: it was saved by an "
+                "arbor_titan whose loader read fixed windows, and its data position can't be "
+                "resumed; start a new run from its weights with checkpoint.initial_load_path"
+            )
+
+    def val_batches(self, max_batches: int, seq_len: int | None = None) -> Iterator[Batch]:
+        """The first `max_batches` batches of the split in file order, of windows of `seq_len`
+        (default: the loader's): the same every call."""
         if self.split != "val":
             raise ValueError(f"val_batches() needs a 'val' loader, this one reads {self.split!r}")
-        return (tuple(batch) for batch in itertools.islice(iter(self._loader), max_batches))
+        seq_len = self.seq_len if seq_len is None else seq_len
+        self._check_fits(seq_len, self.batch_size, "validate at a shorter seq_len")
+        batches = self._loader(self._stream, 0, seq_len)
+        return (tuple(batch) for batch in itertools.islice(batches, max_batches))
+
+    def _go_to(self, epoch: int, cursor: int) -> None:
+        if epoch != self.epoch:
+            self._stream = self._epoch_stream(epoch)
+        self.epoch, self.cursor = epoch, cursor
+        self._batches = None
+
+    def _epoch_stream(self, epoch: int) -> EpochStream:
+        count = len(self.documents)
+        if self.shuffle:
+            order = np.random.default_rng(self.seed + epoch).permutation(count)
+        else:
+            order = np.arange(count)
+        return EpochStream(self.documents, order)
+
+    def _loader(self, stream: EpochStream, cursor: int, seq_len: int) -> DataLoader:
+        """Batches of this rank's windows from `cursor`. A shape change or a resume builds a new
+        one: its worker processes can't change what they read."""
+        windows = PackedSequences(stream, cursor, seq_len, self.dp_rank, self.dp_world)
+        return DataLoader(
+            windows, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers
+        )
+
+    def _check_fits(self, seq_len: int, batch_size: int, remedy: str) -> None:
+        """A batch of every rank must fit in one epoch, or no epoch could ever yield one."""
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        needed = self.dp_world * batch_size * (seq_len + 1)
+        if needed > self.documents.num_tokens:
+            more = "a larger data.val_fraction" if self.split == "val" else "more data"
+            raise ValueError(
+                f"the {self.split} split has {self.documents.num_tokens:,} tokens, fewer than "
+                f"one batch needs: batch_size={batch_size} x dp_world={self.dp_world} x "
+                f"(seq_len={seq_len} + 1) = {needed:,}; {remedy}, or {more}"
+            )
 
 
 def build_dataloader(
@@ -106,17 +196,13 @@ def build_dataloader(
     seed: int,
     num_workers: int = 0,
 ) -> TokenLoader:
-    """A loader over this rank's shard of `split`; training data is reshuffled every epoch."""
+    """A loader over this rank's share of `split`; training data is reshuffled every epoch."""
     if split not in prepared.cache.paths:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    tokens = prepared.cache.tokens(split)
-    dataset = PackedSequences(tokens, seq_len, dp_rank, dp_world, seed, shuffle=split == "train")
-    if len(dataset) < batch_size:
-        needed = batch_size * dp_world * (seq_len + 1)
-        more = "a larger data.val_fraction" if split == "val" else "more data"
-        raise ValueError(
-            f"the {split} split has {len(tokens):,} tokens, fewer than one batch needs: "
-            f"batch_size={batch_size} x dp_world={dp_world} x (seq_len={seq_len} + 1) = "
-            f"{needed:,}; use a smaller training.seq_len or local_batch_size, or {more}"
+    documents = Documents(prepared.cache.tokens(split), prepared.tokenizer.bos_id)
+    if len(documents) != prepared.cache.num_docs[split]:
+        raise RuntimeError(
+            f"token cache {prepared.cache.paths[split]} holds {len(documents)} documents, its "
+            f"sidecar says {prepared.cache.num_docs[split]}; delete the cache to rebuild it"
         )
-    return TokenLoader(dataset, split, batch_size, num_workers)
+    return TokenLoader(documents, split, seq_len, batch_size, dp_rank, dp_world, seed, num_workers)

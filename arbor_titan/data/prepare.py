@@ -36,9 +36,15 @@ def prepare_data(
     corpus = Corpus(data_cfg)
     tokenizer = load_or_train_tokenizer(tok_cfg, corpus, cache_dir, log)
     cache = build_token_cache(tokenizer, corpus, cache_dir, show_progress, log)
+    val = f"val {cache.num_tokens['val']:,} tokens ({cache.num_docs['val']} documents)"
+    if cache.val_by_tokens:
+        val = (
+            f"val {cache.num_tokens['val']:,} tokens: the last {data_cfg.val_fraction * 100:g}% of "
+            "the token stream, as the corpus has too few documents to hold whole ones out "
+            "(data.val_fraction of them would be less than one)"
+        )
     log(
         f"data: train {cache.num_tokens['train']:,} tokens ({cache.num_docs['train']} documents), "
-        f"val {cache.num_tokens['val']:,} tokens ({cache.num_docs['val']} documents); "
-        f"{describe_skips(cache.skipped)}"
+        f"{val}; {describe_skips(cache.skipped)}"
     )
     return PreparedData(tokenizer, cache)

@@ -1,10 +1,16 @@
 """Pre-tokenization: each split as one flat token file `[BOS] doc [EOS] [BOS] doc [EOS] ...`.
 
 Built once per (tokenizer, corpus) and memory-mapped afterwards. A JSON sidecar, written after
-both token files, records dtype and counts; its presence means the cache is complete.
+both token files, records dtype and counts; its presence means the cache is complete. A sidecar
+or token file found damaged is rebuilt, with a warning: it is only a cache.
+
+When the corpus has too few documents to hold whole ones out (`SplitPlan.by_tokens`), the val
+file is the last `val_fraction` of the stream: the document it cuts into ends the train file
+early and continues in the val file behind a BOS, so each file still starts with BOS.
 """
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -18,10 +24,16 @@ from arbor_titan.data.corpus import SPLITS, Corpus
 from arbor_titan.data.progress import Progress
 from arbor_titan.data.tokenizer import Tokenizer
 
-_FORMAT = 1  # part of the cache key: bump when the file layout changes
+_FORMAT = 2  # part of the cache key: bump when the file layout changes
 _BATCH_CHARS = 4_000_000  # text handed to one multi-threaded encode call
 
 Doc = tuple[str, str]
+
+logger = logging.getLogger("arbor_titan")
+
+
+class DamagedCache(Exception):
+    """A sidecar or token file that doesn't describe a usable cache."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class TokenCache:
     num_tokens: dict[str, int]
     num_docs: dict[str, int]
     skipped: dict[str, int]
+    val_by_tokens: bool = False  # val is the stream's tail (too few documents to hold any out)
 
     def tokens(self, split: str) -> np.ndarray:
         """A read-only memory map of one split's token stream."""
@@ -57,16 +70,36 @@ def build_token_cache(
     sidecar = Path(cache_dir) / f"tokens-{key}.json"
     paths = {split: sidecar.with_name(f"tokens-{key}-{split}.bin") for split in SPLITS}
     if sidecar.exists():
-        log(f"reusing token cache {sidecar}")
-    else:
-        _encode(tokenizer, corpus, paths, sidecar, show_progress, log)
-    meta = json.loads(sidecar.read_text())
-    cache = TokenCache(
-        paths, np.dtype(meta["dtype"]), meta["tokens"], meta["docs"], meta["skipped"]
-    )
+        try:
+            cache = _read(sidecar, paths)
+            log(f"reusing token cache {sidecar}")
+            return cache
+        except DamagedCache as err:
+            logger.warning("token cache %s is damaged (%s); rebuilding it", sidecar, err)
+    _encode(tokenizer, corpus, paths, sidecar, show_progress, log)
+    return _read(sidecar, paths)
+
+
+def _read(sidecar: Path, paths: dict[str, Path]) -> TokenCache:
+    """The cache the sidecar describes, checked against the token files' sizes."""
+    try:
+        meta = json.loads(sidecar.read_bytes())
+        cache = TokenCache(
+            paths,
+            np.dtype(meta["dtype"]),
+            {split: int(meta["tokens"][split]) for split in SPLITS},
+            {split: int(meta["docs"][split]) for split in SPLITS},
+            dict(meta["skipped"]),
+            bool(meta["val_by_tokens"]),
+        )
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise DamagedCache(f"unreadable sidecar: {type(err).__name__}: {err}") from None
     for split, path in paths.items():
-        if path.stat().st_size != cache.num_tokens[split] * cache.dtype.itemsize:
-            raise RuntimeError(f"token cache {path} has the wrong size; delete it to rebuild")
+        expected = cache.num_tokens[split] * cache.dtype.itemsize
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size:,} bytes"
+            raise DamagedCache(f"{path.name} is {found}, the sidecar says {expected:,} bytes")
     return cache
 
 
@@ -81,6 +114,7 @@ def _encode(
     plan = corpus.plan
     dtype = token_dtype(tokenizer.vocab_size)
     num_tokens = dict.fromkeys(SPLITS, 0)
+    num_docs = dict(plan.num_docs)
     progress = Progress("tokenizing", sum(plan.num_docs.values()), show_progress)
     start = time.perf_counter()
     with ExitStack() as stack:  # unwinds in reverse: files close before they move into place
@@ -93,12 +127,17 @@ def _encode(
                 files[split].write(np.array([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype))
                 num_tokens[split] += len(ids) + 2
             progress.update(len(batch), sum(len(t.encode()) for t in texts))
+        if plan.by_tokens:
+            num_tokens, num_docs = _cut_tail(
+                files, tmp_paths["train"], corpus.cfg.val_fraction, dtype, tokenizer.bos_id
+            )
     progress.close()
     meta = {
         "dtype": dtype.name,
         "tokens": num_tokens,
-        "docs": plan.num_docs,
+        "docs": num_docs,
         "skipped": plan.skipped,
+        "val_by_tokens": plan.by_tokens,
     }
     with atomic_path(sidecar) as tmp:
         tmp.write_text(json.dumps(meta, indent=1))
@@ -106,6 +145,25 @@ def _encode(
         f"tokenized {sum(plan.num_docs.values())} documents into {sidecar.parent} in "
         f"{time.perf_counter() - start:.1f}s"
     )
+
+
+def _cut_tail(
+    files: dict, train_path: Path, fraction: float, dtype: np.dtype, bos_id: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Move the last `fraction` of the train file's tokens into the val file (opened, empty), a
+    BOS first when the cut falls inside a document; returns (tokens, documents) per split."""
+    files["train"].flush()
+    stream = np.memmap(train_path, dtype=dtype, mode="r")
+    cut = len(stream) - round(len(stream) * fraction)
+    docs = {"train": int(np.count_nonzero(stream[:cut] == bos_id))}
+    tail = np.array(stream[cut:])  # a copy: the file shrinks below
+    del stream
+    if len(tail) and tail[0] != bos_id:
+        tail = np.concatenate([np.array([bos_id], dtype), tail])
+    docs["val"] = int(np.count_nonzero(tail == bos_id))
+    files["val"].write(tail.tobytes())
+    files["train"].truncate(cut * dtype.itemsize)
+    return {"train": cut, "val": len(tail)}, docs
 
 
 def _batches(documents: Iterable[Doc], max_chars: int) -> Iterator[list[Doc]]:

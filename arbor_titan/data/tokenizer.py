@@ -13,7 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from arbor_titan.data.cache import atomic_path, cache_key
-from arbor_titan.data.config import DataConfig, TokenizerConfig, check_tokenizer_config
+from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.data.corpus import Corpus
 
 # Training "sentences" are runs of whole lines up to this many characters. Multi-line chunks
@@ -101,7 +101,6 @@ def load_or_train_tokenizer(
     tok_cfg: TokenizerConfig, corpus: Corpus, cache_dir: Path, log: Callable[[str], None]
 ) -> Tokenizer:
     """`build_tokenizer` for an already opened corpus, so it is listed and split only once."""
-    check_tokenizer_config(tok_cfg)
     if tok_cfg.path:
         return _load_given(Path(tok_cfg.path))
     settings = {

@@ -20,6 +20,7 @@ from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import Numerics, parallelize
 from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
 from arbor_titan.models.arbor import ArborArgs, Transformer, count_params
+from arbor_titan.models.arbor.masking import check_document_mask
 
 logger = logging.getLogger("arbor_titan")
 
@@ -44,6 +45,7 @@ def build_model(
     device: torch.device,
     materialize: bool = True,
 ) -> BuiltModel:
+    check_document_mask(cfg.data, dims.pp)
     num_stages = dims.pp * stages_per_rank(cfg.parallelism) if dims.pp > 1 else 1
     dims.validate_model(
         args.n_layers, args.n_heads, args.n_kv_heads, num_stages, args.tie_embeddings

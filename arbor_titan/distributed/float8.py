@@ -12,16 +12,11 @@ for with `float8.emulate`, because it is slower than plain bf16.
 """
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from arbor_titan.callbacks import Callback
 from arbor_titan.config.fields import option
-
-if TYPE_CHECKING:
-    from arbor_titan.trainer import Trainer
 
 RECIPES = ("tensorwise", "rowwise")
 # torch._scaled_mm needs both dims of each float8 operand divisible by 16.
@@ -128,20 +123,3 @@ def _check_float8_gpu(device: torch.device) -> None:
             f"{capability[0]}.{capability[1]}. Set float8.enable_float8_linear = false to train "
             "in bf16, or float8.emulate = true to check float8 numerics (slower than bf16)"
         )
-
-
-class Float8ScalePrecompute(Callback):
-    """After each optimizer step, compute every float8 weight scale in one all-reduce, so the
-    next step's FSDP2 float8 all-gathers don't each reduce their own amax."""
-
-    def on_step_end(self, trainer: "Trainer") -> None:
-        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-
-        precompute_float8_dynamic_scale_for_fsdp(trainer.model)
-
-
-def float8_callbacks(cfg: Float8Config) -> list[Callback]:
-    """The hooks the trainer registers for `[float8]`."""
-    if cfg.enable_float8_linear and cfg.precompute_float8_dynamic_scale_for_fsdp:
-        return [Float8ScalePrecompute()]
-    return []

@@ -36,20 +36,22 @@ class ParallelismConfig:
     """The `[parallelism]` section."""
 
     data_parallel_replicate_degree: int = option(
-        1, "Replicas of the model (HSDP when > 1 with sharding)."
+        1, "Replicas of the model (HSDP when > 1 with sharding).", ge=1
     )
     data_parallel_shard_degree: int = option(
-        -1, "FSDP2 shards per replica; -1 takes the rest of the world."
+        -1, "FSDP2 shards per replica; -1 takes the rest of the world.", ge=-1
     )
-    tensor_parallel_degree: int = option(1, "Tensor + sequence parallel ranks per layer.")
-    pipeline_parallel_degree: int = option(1, "Pipeline ranks.")
+    tensor_parallel_degree: int = option(1, "Tensor + sequence parallel ranks per layer.", ge=1)
+    pipeline_parallel_degree: int = option(1, "Pipeline ranks.", ge=1)
     pipeline_parallel_schedule: str = option("1F1B", f"One of {', '.join(SCHEDULES)}.")
-    pipeline_parallel_microbatches: int = option(0, "Micro-batches per step; 0 = one per stage.")
+    pipeline_parallel_microbatches: int = option(
+        0, "Micro-batches per step; 0 = one per stage.", ge=0
+    )
     pipeline_parallel_stages_per_rank: int = option(
-        0, "Stages on each pipeline rank; 0 = 2 for looped/V schedules, else 1."
+        0, "Stages on each pipeline rank; 0 = 2 for looped/V schedules, else 1.", ge=0
     )
     pipeline_parallel_split_points: list[int] = option(
-        [], "First layer index of every stage after the first; empty = even split."
+        [], "First layer index of every stage after the first; empty = even split.", ge=1
     )
     enable_loss_parallel: bool = option(True, "With TP: cross-entropy on vocab-sharded logits.")
     fsdp_reshard_after_forward: str = option(
@@ -81,14 +83,6 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelismConfig, world_size: int) -> "ParallelDims":
-        fixed = {
-            "data_parallel_replicate_degree": cfg.data_parallel_replicate_degree,
-            "tensor_parallel_degree": cfg.tensor_parallel_degree,
-            "pipeline_parallel_degree": cfg.pipeline_parallel_degree,
-        }
-        for key, degree in fixed.items():
-            if degree < 1:
-                raise ValueError(f"parallelism.{key} must be >= 1, got {degree}")
         others = (
             cfg.data_parallel_replicate_degree
             * cfg.tensor_parallel_degree
@@ -106,10 +100,8 @@ class ParallelDims:
                     f"({layout}); launch a multiple of {others} processes (NGPU × NNODES)"
                 )
             dp_shard = world_size // others
-        elif dp_shard < 1:
-            raise ValueError(
-                f"parallelism.data_parallel_shard_degree must be >= 1 or -1, got {dp_shard}"
-            )
+        elif dp_shard == 0:  # the range (>= -1) is checked by the config loader
+            raise ValueError("parallelism.data_parallel_shard_degree must be >= 1 or -1, got 0")
         if others * dp_shard != world_size:
             needed = others * dp_shard
             nodes, rest = divmod(needed, GPUS_PER_NODE)

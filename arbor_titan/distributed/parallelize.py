@@ -82,7 +82,7 @@ def apply_fsdp(
         ),
     }
     if numerics.cpu_offload:
-        # Pinned memory needs an accelerator; on a CPU-only machine it fails (DESIGN.md).
+        # Pinned memory needs an accelerator; on a CPU-only machine it fails (docs/measured.md).
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     blocks = list(part.layers.values())
     for index, block in enumerate(blocks):

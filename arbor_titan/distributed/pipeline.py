@@ -32,6 +32,11 @@ def stages_per_rank(cfg: ParallelismConfig) -> int:
     return 2 if cfg.pipeline_parallel_schedule in MULTI_STAGE_SCHEDULES else 1
 
 
+def num_microbatches(cfg: ParallelismConfig, pp: int) -> int:
+    """Micro-batches each pipeline step splits the batch into: configured, else one per stage."""
+    return cfg.pipeline_parallel_microbatches or pp * stages_per_rank(cfg)
+
+
 def layer_split(n_layers: int, num_stages: int, split_points: list[int]) -> list[range]:
     """Layer ranges of each stage: from explicit first-layer indices, or as even as possible."""
     if split_points:
@@ -117,7 +122,7 @@ class Pipeline:
         local_model(model, [splits[i] for i in ids], self.has_first, self.has_last)
         self.stage_ids = ids
         self.parts = [stage_module(model, splits[i], i == 0, i == num_stages - 1) for i in ids]
-        self.microbatches = cfg.pipeline_parallel_microbatches or num_stages
+        self.microbatches = num_microbatches(cfg, dims.pp)
         if local_batch_size % self.microbatches:
             raise ValueError(
                 f"training.local_batch_size={local_batch_size} must be divisible by "
@@ -132,7 +137,8 @@ class Pipeline:
         self._loss_fn = lambda logits, labels: loss_fn(logits, labels) * scale
 
     def build_schedule(self) -> None:
-        """Create stages and the schedule once the parts are parallelized and materialized."""
+        """Create stages and the schedule once the parts are parallelized and materialized,
+        and again for each new batch shape (`fit_batch_shape`)."""
         stages = [
             PipelineStage(part, i, self._num_stages, self._device, group=self._pp_group)
             for part, i in zip(self.parts, self.stage_ids)
@@ -151,12 +157,23 @@ class Pipeline:
             loss_fn=self._loss_fn,
             scale_grads=False,
         )
+        self._batch_shape: tuple[int, ...] | None = None
+
+    def fit_batch_shape(self, batch_shape: tuple[int, ...]) -> None:
+        """Rebuild the stages when the batch shape changes (a new sequence length or micro-batch
+        from a context schedule, validation at another length): a `PipelineStage` infers its
+        activation shapes on its first step and keeps its receive buffers for them. Every rank of
+        a pipeline sees the same batch shape, so they all rebuild together."""
+        if self._batch_shape is not None and batch_shape != self._batch_shape:
+            self.build_schedule()
+        self._batch_shape = batch_shape
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor, train: bool = True) -> torch.Tensor:
         """Run one batch through the pipeline (with backward when `train`).
 
         Returns this batch's share of the step loss (its mean loss / accumulation steps) when
         training, its mean loss when evaluating; 0 on ranks without the last stage."""
+        self.fit_batch_shape(tuple(inputs.shape))
         losses: list[torch.Tensor] = []
         run = self.schedule.step if train else self.schedule.eval
         args = (inputs,) if self.has_first else ()

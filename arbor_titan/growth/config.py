@@ -12,7 +12,7 @@ operator (built-in or a user's plugin) checks its own keys against its `Params` 
 
 from dataclasses import dataclass
 
-from arbor_titan.config.fields import option
+from arbor_titan.config.fields import REQUIRED, option
 
 
 @dataclass
@@ -20,14 +20,14 @@ class GrowthStage:
     """One `[[growth.stages]]` table."""
 
     at_step: int = option(
-        0, "fixed: grow right after this optimizer step; loss_plateau: the earliest such step."
+        REQUIRED,
+        "fixed: grow right after this optimizer step; loss_plateau: the earliest such step.",
+        ge=1,
     )
     op: str = option("", "growth_operator: deepen, widen_ffn, add_heads, clone_width, ...")
     params: dict = option({}, "The operator's parameters, e.g. { layers = [1, 3] } for deepen.")
 
     def __post_init__(self) -> None:
-        if self.at_step < 1:
-            raise ValueError(f"at_step must be at least 1, got {self.at_step}")
         if not self.op:
             raise ValueError("op must name a growth_operator")
 

@@ -83,7 +83,7 @@ def layer_name(index: int, suffix: str) -> str:
 
 
 def role_of(suffix: str) -> str:
-    """READ, WRITE or GAIN for a parameter inside a block (rule 1 of GROWTH.md)."""
+    """READ, WRITE or GAIN for a parameter inside a block (docs/growth.md, "Roles" and rule 1)."""
     if suffix in WRITERS:
         return WRITE
     if suffix in GAINS:

@@ -9,12 +9,8 @@ from arbor_titan.config.fields import option
 class MetricsConfig:
     """The `[metrics]` section: how often and where training metrics are written."""
 
-    log_freq: int = option(10, "Log training metrics every this many steps.")
+    log_freq: int = option(10, "Log training metrics every this many steps.", ge=1)
     enable_tensorboard: bool = option(True, "Write TensorBoard events to <run dir>/tb/.")
     enable_jsonl: bool = option(
         True, "Append one JSON object per log line to <run dir>/metrics.jsonl."
     )
-
-    def __post_init__(self) -> None:
-        if self.log_freq <= 0:
-            raise ValueError(f"metrics.log_freq must be positive, got {self.log_freq}")

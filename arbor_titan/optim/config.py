@@ -20,12 +20,12 @@ class OptimizerConfig:
     """The `[optimizer]` section."""
 
     name: str = option("AdamW", "Optimizer; only 'AdamW' for now.")
-    lr: float = option(8e-4, "Peak learning rate, reached at the end of warmup.")
+    lr: float = option(8e-4, "Peak learning rate, reached at the end of warmup.", gt=0)
     weight_decay: float = option(
-        0.1, "Decoupled weight decay; never applied to 1-D or embedding params."
+        0.1, "Decoupled weight decay; never applied to 1-D or embedding params.", ge=0
     )
-    betas: list[float] = option([0.9, 0.95], "Adam (beta1, beta2).")
-    eps: float = option(1e-8, "Adam epsilon.")
+    betas: list[float] = option([0.9, 0.95], "Adam (beta1, beta2).", ge=0, lt=1)
+    eps: float = option(1e-8, "Adam epsilon.", gt=0)
     implementation: str = option(
         "auto",
         "'auto' (fused where torch has it for the params' device, else foreach), "
@@ -35,34 +35,23 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _check_choice("optimizer.name", self.name, OPTIMIZERS)
         _check_choice("optimizer.implementation", self.implementation, IMPLEMENTATIONS)
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.eps <= 0:
-            raise ValueError(f"optimizer.eps must be positive, got {self.eps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optimizer.betas must be two numbers, got {self.betas}")
 
 
 @dataclass
 class LRSchedulerConfig:
     """The `[lr_scheduler]` section: linear warmup, then decay to `min_lr_factor * lr`."""
 
-    warmup_steps: int = option(100, "Steps of linear warmup from ~0 to optimizer.lr.")
+    warmup_steps: int = option(100, "Steps of linear warmup from ~0 to optimizer.lr.", ge=0)
     decay_type: str = option("cosine", "Decay after warmup: 'linear', 'cosine' or 'wsd'.")
     decay_ratio: float = option(
-        0.2, "wsd only: the final fraction of all steps over which the lr decays linearly."
+        0.2,
+        "wsd only: the final fraction of all steps over which the lr decays linearly.",
+        ge=0,
+        le=1,
     )
-    min_lr_factor: float = option(0.1, "Final lr as a fraction of optimizer.lr.")
+    min_lr_factor: float = option(0.1, "Final lr as a fraction of optimizer.lr.", ge=0, le=1)
 
     def __post_init__(self) -> None:
         _check_choice("lr_scheduler.decay_type", self.decay_type, DECAY_TYPES)
-        if self.warmup_steps < 0:
-            raise ValueError(f"lr_scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.decay_ratio <= 1:
-            raise ValueError(f"lr_scheduler.decay_ratio must be in [0, 1], got {self.decay_ratio}")
-        if not 0 <= self.min_lr_factor <= 1:
-            raise ValueError(
-                f"lr_scheduler.min_lr_factor must be in [0, 1], got {self.min_lr_factor}"
-            )

@@ -6,11 +6,14 @@ which lets a run be extended by raising `training.steps`.
 """
 
 import functools
+import logging
 import math
 
 import torch
 
 from arbor_titan.optim.config import LRSchedulerConfig
+
+logger = logging.getLogger("arbor_titan")
 
 
 def lr_factor(
@@ -41,19 +44,25 @@ def build_lr_scheduler(
     """A LambdaLR reaching `min_lr_factor * lr` at `total_steps`; the same factor for every group.
 
     WSD holds the peak lr and decays linearly over the last `decay_ratio` of all steps (Hu et
-    al. 2024, MiniCPM); the decay never starts before warmup ends.
+    al. 2024, MiniCPM); the decay never starts before warmup ends. A warmup longer than the run
+    (a short smoke run of a long config) is cut to the run's length, with a warning.
     """
-    if cfg.warmup_steps > total_steps:
-        raise ValueError(
-            f"lr_scheduler.warmup_steps ({cfg.warmup_steps}) must not exceed "
-            f"training.steps ({total_steps})"
+    warmup_steps = cfg.warmup_steps
+    if warmup_steps > total_steps:
+        logger.warning(
+            "lr_scheduler.warmup_steps=%d exceeds training.steps=%d: warming up over all %d "
+            "steps (the peak lr is never reached, nor any decay)",
+            warmup_steps,
+            total_steps,
+            total_steps,
         )
-    decay_start = cfg.warmup_steps
+        warmup_steps = total_steps
+    decay_start = warmup_steps
     if cfg.decay_type == "wsd":
-        decay_start = max(cfg.warmup_steps, total_steps - round(cfg.decay_ratio * total_steps))
+        decay_start = max(warmup_steps, total_steps - round(cfg.decay_ratio * total_steps))
     factor = functools.partial(
         lr_factor,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=warmup_steps,
         decay_start=decay_start,
         total_steps=total_steps,
         cosine=cfg.decay_type == "cosine",

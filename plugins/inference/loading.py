@@ -11,8 +11,10 @@ materialized with `to_empty` and filled from the weights: no random init is comp
 be overwritten.
 """
 
+import functools
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +31,18 @@ from arbor_titan.checkpoint.folders import (
 )
 from arbor_titan.checkpoint.hf import CONFIG_JSON, args_from_hf_config, read_hf_tensors
 from arbor_titan.checkpoint.stateful import ModelState
+from arbor_titan.config.loader import ConfigError
 from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 from arbor_titan.registry import PluginError
 from plugins.inference import tensor_parallel
-from plugins.inference.rope import rope_table
+from plugins.inference.rope import RopeOverride, context_length, rope_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# What a bad path, file or --engine name raises; scripts report these as one-line errors.
-LOAD_ERRORS = (OSError, ValueError, ConversionError, PluginError)
+# What a bad path, file, --engine name or RoPE scaling raises; scripts report these as one-line
+# errors.
+LOAD_ERRORS = (OSError, ValueError, ConversionError, PluginError, ConfigError)
 
 
 @dataclass
@@ -72,35 +76,43 @@ def load_model(
     model_args: Path | None = None,
     tokenizer: Path | None = None,
     mesh: DeviceMesh | None = None,
+    rope: RopeOverride | None = None,
 ) -> LoadedModel:
     """Load `path` (a DCP folder, an HF folder or a `.pt` file). `model_args` (a JSON file or a
-    folder holding `model_args.json`) and `tokenizer` override what is found beside the weights.
-    With a `mesh`, each process loads its tensor-parallel shard.
+    folder holding `model_args.json`) and `tokenizer` override what is found beside the weights;
+    `rope` changes the checkpoint's RoPE scaling. With a `mesh`, each process loads its
+    tensor-parallel shard.
     """
     path = Path(path)
+    fill: Callable[[Transformer], None]
     if path.is_dir() and (path / ".metadata").is_file():
         args_file = _args_file(model_args, path)
-        model = _empty_model(read_model_args(args_file), device, mesh)
-        with warnings.catch_warnings():  # one process loading on purpose
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load({"model": ModelState(model)}, checkpoint_id=str(path))
+        args = read_model_args(args_file)
+        fill = functools.partial(_load_dcp, source=path)
     elif path.is_dir() and (path / CONFIG_JSON).is_file():
         args_file = path / CONFIG_JSON
         args = args_from_hf_config(json.loads(args_file.read_text()), args_file)
-        model = _empty_model(args, device, mesh)
-        _fill(model, read_hf_tensors(path, args), path)
+        read = functools.partial(read_hf_tensors, path, args)  # reads only tie_embeddings
+        fill = functools.partial(_fill, read=read, source=path)
     elif path.is_file():
         args_file = _args_file(model_args, path.parent)
-        model = _empty_model(read_model_args(args_file), device, mesh)
-        _fill(model, load_torch_weights(path), path)
+        args = read_model_args(args_file)
+        fill = functools.partial(
+            _fill, read=functools.partial(load_torch_weights, path), source=path
+        )
     else:
         raise FileNotFoundError(
             f"{path}: not a checkpoint (expected a DCP folder with .metadata, a Hugging Face "
             "folder with config.json + model.safetensors, or a .pt weights file)"
         )
+    if rope is not None:
+        args = rope.apply(args)
+    model = _empty_model(args, device, mesh)
+    fill(model)
     model.to(dtype=dtype).eval()
-    # Buffers aren't saved; the model's own forward gets the same table the cache forward uses.
-    model.rope_cache = rope_table(model.args, model.args.max_seq_len).to(device)
+    # Buffers aren't saved; the model's own forward gets a table for every position the model
+    # is meant for, its scaling's extension included.
+    model.rope_cache = rope_table(model.args, context_length(model.args)).to(device)
     tokenizer_file = Path(tokenizer) if tokenizer else args_file.parent / TOKENIZER_FILE
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file}: missing tokenizer (pass --tokenizer PATH)")
@@ -123,7 +135,15 @@ def _empty_model(
     return model.to_empty(device=device)
 
 
-def _fill(model: Transformer, state: dict[str, torch.Tensor], source: Path) -> None:
+def _load_dcp(model: Transformer, source: Path) -> None:
+    with warnings.catch_warnings():  # one process loading on purpose
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load({"model": ModelState(model)}, checkpoint_id=str(source))
+
+
+def _fill(model: Transformer, read: Callable[[], dict[str, torch.Tensor]], source: Path) -> None:
+    """Copy the whole tensors `read` returns into the model (this process's shard of them)."""
+    state = read()
     check_shapes({name: t.shape for name, t in state.items()}, model.args, source)
     if tensor_parallel.process_group(model) is None:
         model.load_state_dict(state)

@@ -4,7 +4,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import sentencepiece as spm
 import torch
 import torch.distributed.checkpoint as dcp
 
+from arbor_titan import registry
 from arbor_titan.checkpoint.convert import (
     ConversionError,
     dcp_to_torch,
@@ -24,11 +25,13 @@ from arbor_titan.checkpoint.hf import (
     args_from_hf_config,
     dcp_to_hf,
     from_hf_name,
+    hf_config,
     hf_to_dcp,
 )
 from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
+from arbor_titan.models.arbor.rope import RopeScaling, build_rope_scaling, plain_inv_freq
 
 try:
     import transformers
@@ -52,7 +55,9 @@ TIED = replace(ARGS, tie_embeddings=True)
 N_WEIGHTS = 2 + 9 * ARGS.n_layers + 1  # embedding, final norm, 9 per layer, output
 
 
-def make_model(args: ArborArgs, seed: int) -> Transformer:
+def make_model(args: ArborArgs, seed: int, qk_scale: float = 1.0) -> Transformer:
+    """`qk_scale` multiplies the query and key weights: larger attention logits make the
+    positions (RoPE) matter more in the output."""
     torch.manual_seed(seed)
     model = Transformer(args)
     model.init_weights()
@@ -61,6 +66,8 @@ def make_model(args: ArborArgs, seed: int) -> Transformer:
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+            if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                param.mul_(qk_scale)
     return model.eval()
 
 
@@ -191,12 +198,19 @@ def test_export_config_and_tokenizer(checkpoints, tmp_path, tokenizer):
 
 
 @needs_transformers
-@pytest.mark.parametrize("tie", [False, True])
-def test_transformers_model_imports_with_equal_logits(tmp_path, tie):
+@pytest.mark.parametrize(
+    "tie, rope",
+    [
+        (False, None),
+        (True, None),
+        (False, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    ],
+)
+def test_transformers_model_imports_with_equal_logits(tmp_path, tie, rope):
     config = transformers.LlamaConfig(
         vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=20000.0, tie_word_embeddings=tie,
+        rms_norm_eps=1e-5, rope_theta=20000.0, tie_word_embeddings=tie, rope_parameters=rope,
     )  # fmt: skip
     torch.manual_seed(3)
     hf = transformers.LlamaForCausalLM(config).eval()
@@ -209,8 +223,92 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, tie):
     hf_to_dcp(tmp_path / "hf", tmp_path / "dcp")
     ours = load_checkpoint(tmp_path / "dcp")
     assert ours.args.tie_embeddings == tie and ours.args.rope_theta == 20000.0
+    if rope is not None:
+        assert ours.args.rope_scaling == {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), expected, atol=1e-5, rtol=0)
+
+
+# Each longer than its original length (TOKENS has 64 positions), with non-default params where
+# transformers' defaults would hide a param that fails to travel.
+SCALINGS = {
+    "linear": {"type": "linear", "factor": 4.0},
+    "ntk": {"type": "ntk", "factor": 4.0},
+    "dynamic_ntk": {"type": "dynamic_ntk", "factor": 2.0, "original_max_seq_len": 16},
+    "yarn": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16, "beta_fast": 8.0},
+    "llama3": {
+        "type": "llama3", "factor": 4.0, "original_max_seq_len": 16,
+        "low_freq_factor": 0.5, "high_freq_factor": 8.0,
+    },
+}  # fmt: skip
+
+
+def imported_args(args: ArborArgs) -> ArborArgs:
+    """What an export of `args` imports back as: the scaling with every param written out;
+    ntk as the plain RoPE it equals; dynamic_ntk trained at its original length (transformers
+    reads that from max_position_embeddings)."""
+    scaling = build_rope_scaling(args.rope_scaling)
+    params = {k: v for k, v in asdict(scaling.params).items() if v is not None}
+    name = args.rope_scaling["type"]
+    if name == "ntk":
+        theta = args.rope_theta * params["factor"] ** (args.head_dim / (args.head_dim - 2))
+        return replace(args, rope_scaling=None, rope_theta=pytest.approx(theta, rel=1e-12))
+    args = replace(args, rope_scaling={"type": name, **params})
+    return (
+        replace(args, max_seq_len=params["original_max_seq_len"]) if name == "dynamic_ntk" else args
+    )
+
+
+@needs_transformers
+@pytest.mark.parametrize("name", SCALINGS)
+def test_scaled_model_exports_with_equal_logits_and_imports_back(name, tmp_path):
+    args = replace(ARGS, rope_scaling=SCALINGS[name])
+    model = make_model(args, seed=5, qk_scale=8.0)
+    dcp_to_hf(save_checkpoint(model, tmp_path / "dcp"), tmp_path / "hf")
+    with torch.no_grad():
+        ours, plain = model(TOKENS), make_model(ARGS, seed=5, qk_scale=8.0)(TOKENS)
+    assert (ours - plain).abs().max() > 0.1  # the scaling changes the logits
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", "sdpa"), ours, atol=1e-5, rtol=0)
+
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert args_from_hf_config(config, tmp_path) == imported_args(args)
+    if name != "dynamic_ntk":  # back at 16 positions, too few for TOKENS
+        hf_to_dcp(tmp_path / "hf", tmp_path / "back")
+        with torch.no_grad():
+            torch.testing.assert_close(load_checkpoint(tmp_path / "back")(TOKENS), ours)
+
+
+@registry.register("rope_scaling", "test_convert_halved")
+class HalvedFrequencies(RopeScaling):
+    """A user's scaling that transformers has no rope_type for."""
+
+    def inv_freq(self, head_dim: int, theta: float, length: int) -> torch.Tensor:
+        return plain_inv_freq(head_dim, theta) / 2
+
+
+def test_a_scaling_transformers_lacks_is_not_exported(tmp_path):
+    model = make_model(replace(ARGS, rope_scaling={"type": "test_convert_halved"}), seed=0)
+    src = save_checkpoint(model, tmp_path / "dcp")
+    with pytest.raises(ConversionError) as err:
+        dcp_to_hf(src, tmp_path / "hf")
+    assert str(err.value).startswith(f"{src / 'model_args.json'}: RoPE scaling ")
+    assert "'test_convert_halved' has no transformers equivalent (exported: ntk, linear" in str(
+        err.value
+    )
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_writes_transformers_key_names(tmp_path):
+    config = hf_config(replace(ARGS, rope_scaling=SCALINGS["yarn"]), torch.float32, None)
+    expected = {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 8.0, "beta_slow": 1.0, "truncate": True,
+    }  # fmt: skip
+    assert config["rope_scaling"] == expected
+    assert config["rope_parameters"] == {**expected, "rope_theta": ARGS.rope_theta}
+    assert config["max_position_embeddings"] == ARGS.max_seq_len
+    plain = hf_config(ARGS, torch.float32, None)
+    assert plain["rope_scaling"] is None and plain["rope_parameters"]["rope_type"] == "default"
 
 
 # -- refusals
@@ -222,8 +320,12 @@ def test_transformers_model_imports_with_equal_logits(tmp_path, tie):
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
+        ({"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "longrope"),
+        ({"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}}, "proportional"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters.factor"),
+        ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "rope_scaling.factor must be >= 1"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "beta": 1}}, "rope_scaling.beta"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"model_type": "mistral"}, "mistral"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
     ],

@@ -1,10 +1,12 @@
-"""Shared data fixtures: a small real tokenizer + token cache, and synthetic token files."""
+"""Shared data fixtures: a small real tokenizer + token cache, synthetic token files, and the
+epoch streams and batches of a loader rebuilt by hand."""
 
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from arbor_titan.data import DataConfig, PreparedData, TokenizerConfig, prepare_data
 from arbor_titan.data.token_cache import TokenCache
@@ -34,21 +36,66 @@ def stdlib_data(stdlib_cfgs, stdlib_cache_dir) -> PreparedData:
     return prepare_data(*stdlib_cfgs, stdlib_cache_dir, show_progress=False, log=LogLines())
 
 
+def synthetic_stream(
+    num_tokens: int, bos_id: int, eos_id: int, seed: int
+) -> tuple[np.ndarray, int]:
+    """Documents of 2 to 60 tokens framed by BOS and EOS, `num_tokens` in all; every other token
+    is its file position plus `eos_id + 1` (so it names where it came from). Returns the stream
+    and its number of documents."""
+    lengths = np.random.default_rng(seed).integers(2, 61, size=num_tokens // 2 + 1)
+    ends = np.cumsum(lengths)
+    ends = np.append(ends[ends <= num_tokens - 2], num_tokens)  # the last one takes the rest
+    starts = np.concatenate([[0], ends[:-1]])
+    tokens = np.arange(num_tokens, dtype=np.uint32) + eos_id + 1
+    tokens[starts], tokens[ends - 1] = bos_id, eos_id
+    return tokens, len(starts)
+
+
+def documents_in_order(tokens: np.ndarray, bos_id: int, order: np.ndarray) -> np.ndarray:
+    """The stream's documents (split at BOS) concatenated in `order`: an epoch built by hand."""
+    documents = np.split(tokens, np.flatnonzero(tokens == bos_id)[1:])
+    return np.concatenate([documents[i] for i in order]).astype(np.int64)
+
+
 @pytest.fixture
-def synthetic_data(tmp_path) -> Callable[..., PreparedData]:
-    """Make PreparedData whose token streams are 0, 1, 2, ...: a window's first token names it."""
+def synthetic_data(tmp_path, stdlib_data) -> Callable[..., PreparedData]:
+    """Make PreparedData of synthetic documents (see `synthetic_stream`), framed by the BOS and
+    EOS of a real tokenizer."""
+    tokenizer = stdlib_data.tokenizer
 
     def make(train_tokens: int, val_tokens: int = 1000) -> PreparedData:
-        counts = {"train": train_tokens, "val": val_tokens}
-        paths = {split: tmp_path / f"{split}.bin" for split in counts}
-        for split, n in counts.items():
-            np.arange(n, dtype=np.uint16).tofile(paths[split])
-        cache = TokenCache(paths, np.dtype(np.uint16), counts, {"train": 1, "val": 1}, {})
-        return PreparedData(tokenizer=None, cache=cache)  # loaders never use the tokenizer
+        paths, counts, docs = {}, {}, {}
+        for seed, (split, n) in enumerate({"train": train_tokens, "val": val_tokens}.items()):
+            tokens, docs[split] = synthetic_stream(n, tokenizer.bos_id, tokenizer.eos_id, seed)
+            paths[split], counts[split] = tmp_path / f"{split}.bin", n
+            tokens.tofile(paths[split])
+        cache = TokenCache(paths, np.dtype(np.uint32), counts, docs, {})
+        return PreparedData(tokenizer, cache)
 
     return make
 
 
 @pytest.fixture
+def epoch_tokens() -> Callable[[PreparedData, str, int], np.ndarray]:
+    """`epoch_tokens(data, split, seed + epoch)`: a training epoch's stream built by hand, the
+    split's documents in `default_rng(seed + epoch).permutation` order."""
+
+    def build(data: PreparedData, split: str, shuffle_seed: int) -> np.ndarray:
+        order = np.random.default_rng(shuffle_seed).permutation(data.cache.num_docs[split])
+        return documents_in_order(
+            np.asarray(data.cache.tokens(split)), data.tokenizer.bos_id, order
+        )
+
+    return build
+
+
+@pytest.fixture
 def log() -> LogLines:
     return LogLines()
+
+
+def step_tokens(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """The tokens that one batch of every data-parallel rank (rank order) read, in global order:
+    row b of rank r is the step's window b·W + r, and a window is its inputs plus last label."""
+    windows = [torch.cat([inputs, labels[:, -1:]], dim=1) for inputs, labels in batches]
+    return torch.stack(windows, dim=1).flatten().numpy()

@@ -116,12 +116,14 @@ def test_val_split_is_stable_disjoint_and_unaffected_by_new_files(tmp_path):
     assert not set(train) & grown.val_names
 
 
-def test_tiny_corpus_still_gets_one_train_and_one_val_document(tmp_path):
+def test_tiny_corpus_splits_by_tokens_or_keeps_one_document_in_each_split(tmp_path):
     a = write(tmp_path / "a.txt", "a")
     b = write(tmp_path / "b.txt", "b")
-    assert text_corpus(a, b, val_fraction=0.001).plan.num_docs == {"train": 1, "val": 1}
-    assert text_corpus(a, b, val_fraction=0.999).plan.num_docs == {"train": 1, "val": 1}
-    assert text_corpus(a, val_fraction=0.999).plan.num_docs == {"train": 1, "val": 0}
+    too_few = text_corpus(a, b, val_fraction=0.001).plan  # 0.002 documents: split by tokens
+    assert too_few.by_tokens and too_few.num_docs == {"train": 2, "val": 0}
+    assert text_corpus(a, val_fraction=0.999).plan.by_tokens
+    by_documents = text_corpus(a, b, val_fraction=0.999).plan
+    assert not by_documents.by_tokens and by_documents.num_docs == {"train": 1, "val": 1}
 
 
 def test_fingerprint_follows_file_changes_and_split(tmp_path):

@@ -1,9 +1,12 @@
+import dataclasses
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
-from arbor_titan.data import build_dataloader
+from arbor_titan.data import PreparedData, TokenSpan, build_dataloader
+from tests.data.conftest import step_tokens
 
 SEQ, BATCH = 15, 4  # 800 tokens = 50 windows = 12 batches per epoch
 
@@ -16,6 +19,12 @@ def assert_same(batches, expected):
     assert len(batches) == len(expected)
     for (x, y), (ex, ey) in zip(batches, expected):
         assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def rank_loaders(data: PreparedData, seq_len: int, batch: int, dp_world: int, seed: int = 0):
+    return [
+        build_dataloader(data, "train", seq_len, batch, r, dp_world, seed) for r in range(dp_world)
+    ]
 
 
 def test_batches_are_int64_inputs_and_shifted_labels(synthetic_data):
@@ -43,38 +52,157 @@ def test_resume_with_a_worker_process(synthetic_data):
     reference = take(build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=2), 18)
     first = build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=2, num_workers=1)
     assert_same(take(first, 10), reference[:10])
+    first.set_shape(SEQ, BATCH)  # the shape it has: the worker's prefetched batches stay valid
+    assert_same(take(first, 1), reference[10:11])
     resumed = build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=2, num_workers=1)
     resumed.load_state_dict(first.state_dict())
-    assert_same(take(resumed, 8), reference[10:])
+    assert_same(take(resumed, 7), reference[11:])
 
 
-def test_training_continues_into_a_reshuffled_epoch(synthetic_data):
+def test_each_epoch_reads_its_own_permutation_of_the_documents(synthetic_data, epoch_tokens):
+    data = synthetic_data(800)
+    loader = build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=7)
+    per_epoch = 12 * BATCH * (SEQ + 1)
+    epochs = []
+    for epoch in range(2):
+        read = np.concatenate([step_tokens([batch]) for batch in take(loader, 12)])
+        assert loader.epoch == epoch and loader.cursor == per_epoch
+        assert read.tolist() == epoch_tokens(data, "train", 7 + epoch)[:per_epoch].tolist()
+        epochs.append(read)
+    assert epochs[0].tolist() != epochs[1].tolist()
+    next(loader)
+    assert loader.last_span == TokenSpan(epoch=2, start=0, stop=BATCH * (SEQ + 1))
+
+
+# (steps, seq_len, global batch): the length grows, shrinks, and the global batch changes.
+SHAPES = [(3, 63, 12), (2, 127, 6), (4, 95, 6), (3, 95, 12)]
+
+
+@pytest.mark.parametrize("dp_world", [1, 2, 3])
+def test_shape_changes_read_the_epoch_stream_once_in_order(synthetic_data, epoch_tokens, dp_world):
+    data = synthetic_data(20_000)
+    loaders = rank_loaders(data, 31, 12 // dp_world, dp_world, seed=3)
+    read, spans = [], []
+    for steps, seq_len, global_batch in SHAPES:
+        for loader in loaders:
+            loader.set_shape(seq_len, global_batch // dp_world)
+        for _ in range(steps):
+            batches = [next(loader) for loader in loaders]
+            assert {b[0].shape for b in batches} == {(global_batch // dp_world, seq_len)}
+            read.append(step_tokens(batches))
+            spans.append(loaders[0].last_span)
+    assert {loader.cursor for loader in loaders} == {spans[-1].stop}
+    # The spans tile [0, cursor) with no gap or overlap, and hold exactly the tokens read.
+    assert [s.start for s in spans] == [0] + [s.stop for s in spans[:-1]]
+    assert [s.stop - s.start for s in spans] == [len(tokens) for tokens in read]
+    expected = epoch_tokens(data, "train", 3)[: spans[-1].stop]
+    assert np.concatenate(read).tolist() == expected.tolist()
+
+
+def run_schedule(loaders, schedule, first_step: int, last_step: int) -> list:
+    """Steps `first_step..last_step - 1` of all ranks, the shape set each step as a trainer's
+    schedule would: per step, the global span, the tokens read and every rank's batch."""
+    taken = []
+    for step in range(first_step, last_step):
+        seq_len, global_batch = schedule(step)
+        for loader in loaders:
+            loader.set_shape(seq_len, global_batch // len(loaders))
+        batches = [next(loader) for loader in loaders]
+        taken.append((loaders[0].last_span, step_tokens(batches).tolist(), batches))
+    return taken
+
+
+def schedule(step: int) -> tuple[int, int]:
+    """Global batch 4 of 15 tokens for 3 steps, then of 23: an epoch of 800 tokens ends after
+    step 8 (3 x 64 + 6 x 96 tokens), the next starts at step 9."""
+    return (15, 4) if step < 3 else (23, 4)
+
+
+@pytest.mark.parametrize(("old_world", "new_world"), [(1, 1), (2, 2), (2, 1), (1, 4)])
+@pytest.mark.parametrize("k", [2, 5, 9, 10])  # before and after the change, at and past the epoch
+def test_resume_across_shape_change_epoch_and_layout(synthetic_data, old_world, new_world, k):
+    data = synthetic_data(800)
+    old = rank_loaders(data, 15, 4 // old_world, old_world, seed=4)
+    reference = run_schedule(old, schedule, 0, 16)
+    assert reference[9][0] == TokenSpan(epoch=1, start=0, stop=96)
+
+    first = rank_loaders(data, 15, 4 // old_world, old_world, seed=4)
+    run_schedule(first, schedule, 0, k)
+    state = pickle.loads(pickle.dumps(first[0].state_dict()))
+    # A fresh run at the start shape: the state restores the position and, on the same layout,
+    # the shape; the schedule then sets the shape of step k as it would anyway.
+    resumed = rank_loaders(data, 15, 4 // new_world, new_world, seed=4)
+    for loader in resumed:
+        loader.load_state_dict(state)
+        assert (loader.epoch, loader.cursor, loader.seq_len) == (
+            state["epoch"],
+            state["cursor"],
+            state["seq_len"],
+        )
+    after = run_schedule(resumed, schedule, k, k + 6)
+    for (span, tokens, batches), (ref_span, ref_tokens, ref_batches) in zip(
+        after, reference[k : k + 6], strict=True
+    ):
+        assert span == ref_span and tokens == ref_tokens
+        if new_world == old_world:
+            for batch, ref_batch in zip(batches, ref_batches):
+                assert_same([batch], [ref_batch])
+
+
+def test_load_restores_the_shape_on_the_same_layout_and_keeps_the_batch_on_another(synthetic_data):
+    data = synthetic_data(800)
+    saved = build_dataloader(data, "train", SEQ, 2, 0, 2, seed=0)
+    saved.set_shape(23, 1)
+    next(saved)
+    state = saved.state_dict()
+    same = build_dataloader(data, "train", SEQ, 2, 0, 2, seed=0)
+    same.load_state_dict(state)
+    assert (same.seq_len, same.batch_size, same.cursor) == (23, 1, 48)
+    assert_same(take(same, 3), take(saved, 3))  # no set_shape needed on the same layout
+    other = build_dataloader(data, "train", SEQ, 3, 0, 1, seed=0)
+    other.load_state_dict(state)
+    assert (other.seq_len, other.batch_size, other.cursor) == (23, 3, 48)
+
+
+def test_the_old_loader_state_is_refused_with_what_to_do(synthetic_data):
     loader = build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 0, 1, seed=0)
-    epochs = [torch.cat([x[:, 0] for x, _ in take(loader, 12)]).tolist() for _ in range(2)]
-    assert loader.epoch == 1
-    assert epochs[0] != epochs[1]
-    assert all(len(set(starts)) == 48 for starts in epochs)  # no repeats within an epoch
+    old = {"epoch": 0, "loader": {}, "start": 0, "global_consumed": 8, "dp_world": 1,
+           "batch_size": 4}  # fmt: skip
+    with pytest.raises(ValueError, match="lacks cursor, seq_len.*checkpoint.initial_load_path"):
+        loader.load_state_dict(old)
 
 
-@pytest.mark.parametrize("dp_world", [2, 3])
-def test_ranks_never_read_the_same_sequence(synthetic_data, dp_world):
-    data = synthetic_data(3200)  # 200 windows
-    seen = []
-    for rank in range(dp_world):
-        loader = build_dataloader(data, "train", SEQ, BATCH, rank, dp_world, seed=0)
-        per_epoch = len(loader.dataset) // BATCH
-        seen += [t for x, _ in take(loader, per_epoch) for t in x[:, 0].tolist()]
-    assert len(seen) == len(set(seen))
+def test_a_position_past_the_data_is_refused(synthetic_data):
+    saved = build_dataloader(synthetic_data(2000), "train", SEQ, BATCH, 0, 1, seed=0)
+    take(saved, 20)
+    state = saved.state_dict()
+    del saved  # the files are rewritten next, smaller
+    smaller = build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 0, 1, seed=0)
+    with pytest.raises(ValueError, match=r"token 1,280\) is past the end of the train split"):
+        smaller.load_state_dict(state)
 
 
-def test_val_batches_are_fixed_and_in_stream_order(synthetic_data):
-    loader = build_dataloader(synthetic_data(800, val_tokens=800), "val", SEQ, BATCH, 0, 1, seed=0)
+def test_val_batches_are_fixed_and_in_file_order(synthetic_data):
+    data = synthetic_data(800, val_tokens=800)
+    loader = build_dataloader(data, "val", SEQ, BATCH, 0, 1, seed=0)
     first = list(loader.val_batches(5))
     assert len(first) == 5
     assert_same(list(loader.val_batches(5)), first)
-    starts = torch.cat([x[:, 0] for x, _ in first]).tolist()
-    assert starts == list(range(0, 20 * (SEQ + 1), SEQ + 1))
+    file_tokens = np.asarray(data.cache.tokens("val")).tolist()
+    assert np.concatenate([step_tokens([b]) for b in first]).tolist() == file_tokens[: 5 * 64]
     assert len(list(loader.val_batches(100))) == 12  # all there are
+    longer = list(loader.val_batches(100, seq_len=31))
+    assert len(longer) == 6 and longer[0][0].shape == (BATCH, 31)
+    assert np.concatenate([step_tokens([b]) for b in longer]).tolist() == file_tokens[:768]
+    assert loader.seq_len == SEQ  # validation at another length leaves the loader's shape alone
+
+
+def test_val_batches_shard_the_file_order_over_ranks(synthetic_data):
+    data = synthetic_data(800, val_tokens=800)
+    loaders = [build_dataloader(data, "val", SEQ, 2, r, 2, seed=0) for r in range(2)]
+    batches = zip(*(loader.val_batches(3) for loader in loaders))
+    read = np.concatenate([step_tokens(list(step)) for step in batches])
+    assert read.tolist() == np.asarray(data.cache.tokens("val"))[: 3 * 64].tolist()
 
 
 def test_val_batches_refuses_a_training_loader(synthetic_data):
@@ -89,17 +217,35 @@ def test_too_little_data_names_the_sizes(synthetic_data):
         build_dataloader(data, "val", SEQ, BATCH, 0, 1, seed=0)
     with pytest.raises(ValueError, match="smaller training.seq_len"):
         build_dataloader(data, "train", 255, BATCH, 0, 1, seed=0)
+    loader = build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=0)
+    with pytest.raises(ValueError, match=r"800 tokens.*batch_size=2.*seq_len=511.*shorter seq_len"):
+        loader.set_shape(511, 2)
+    with pytest.raises(ValueError, match="must be >= 1, got 0, 2"):
+        loader.set_shape(0, 2)
+    assert (loader.seq_len, loader.batch_size) == (SEQ, BATCH)
+    val = build_dataloader(data, "val", 11, 1, 0, 1, seed=0)
+    with pytest.raises(ValueError, match=r"seq_len=63.*validate at a shorter seq_len"):
+        val.val_batches(1, seq_len=63)
 
 
-def test_loader_over_real_tokens(stdlib_data):
+def test_rank_outside_world_is_an_error(synthetic_data):
+    with pytest.raises(ValueError, match="dp_rank 2"):
+        build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 2, 2, seed=0)
+
+
+def test_a_cache_whose_documents_disagree_with_its_sidecar_is_refused(synthetic_data):
+    data = synthetic_data(800)
+    cache = dataclasses.replace(data.cache, num_docs={**data.cache.num_docs, "train": 3})
+    with pytest.raises(RuntimeError, match=r"train.bin holds \d+ documents, its sidecar says 3"):
+        build_dataloader(PreparedData(data.tokenizer, cache), "train", SEQ, BATCH, 0, 1, seed=0)
+
+
+def test_loader_over_real_tokens(stdlib_data, epoch_tokens):
     loader = build_dataloader(stdlib_data, "train", 64, 2, 0, 1, seed=0)
-    inputs, labels = next(loader)
+    batches = take(loader, 3)
+    assert max(int(inputs.max()) for inputs, _ in batches) < stdlib_data.tokenizer.vocab_size
+    read = np.concatenate([step_tokens([batch]) for batch in batches])
+    assert read.tolist() == epoch_tokens(stdlib_data, "train", 0)[: 3 * 2 * 65].tolist()
+    tokens = np.asarray(stdlib_data.cache.tokens("train"))
     bos, eos = stdlib_data.tokenizer.bos_id, stdlib_data.tokenizer.eos_id
-    assert int(inputs.max()) < stdlib_data.tokenizer.vocab_size
-    assert torch.equal(inputs[:, 1:], labels[:, :-1])
-    tokens = torch.from_numpy(stdlib_data.cache.tokens("train").astype("int64"))
-    assert (
-        int((tokens == bos).sum())
-        == int((tokens == eos).sum())
-        == stdlib_data.cache.num_docs["train"]
-    )
+    assert (tokens == bos).sum() == (tokens == eos).sum() == stdlib_data.cache.num_docs["train"]

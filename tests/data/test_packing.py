@@ -4,58 +4,86 @@ import numpy as np
 import pytest
 import torch
 
-from arbor_titan.data import PackedSequences
+from arbor_titan.data import Documents, EpochStream, PackedSequences
+from tests.data.conftest import documents_in_order, synthetic_stream
+
+BOS, EOS = 1, 2
 
 
-def first_tokens(dataset: PackedSequences) -> list[int]:
-    return [int(dataset[i][0][0]) for i in range(len(dataset))]
+def stream(num_tokens: int, seed: int = 0) -> tuple[np.ndarray, Documents]:
+    tokens, _ = synthetic_stream(num_tokens, BOS, EOS, seed)
+    return tokens, Documents(tokens, BOS)
 
 
-def test_windows_are_disjoint_and_labels_are_inputs_shifted():
-    tokens = np.arange(1005, dtype=np.uint16)
-    dataset = PackedSequences(tokens, seq_len=9, shuffle=False)
-    assert len(dataset) == 100  # 1005 // 10; the last 5 tokens are dropped
-    for i in range(len(dataset)):
-        inputs, labels = dataset[i]
+def test_documents_start_at_each_bos():
+    tokens, documents = stream(1000)
+    bos_positions = np.flatnonzero(tokens == BOS)
+    assert len(documents) == len(bos_positions) > 10
+    assert documents.starts.tolist() == [*bos_positions.tolist(), 1000]
+    assert documents.num_tokens == 1000
+
+
+def test_a_stream_that_does_not_start_with_bos_is_refused():
+    tokens, _ = stream(100)
+    with pytest.raises(ValueError, match=r"must start with BOS \(1\), this one starts with 4"):
+        Documents(tokens[1:], BOS)
+
+
+def test_documents_are_found_across_scan_chunks(monkeypatch):
+    monkeypatch.setattr("arbor_titan.data.dataset._SCAN_TOKENS", 7)
+    tokens, documents = stream(1000)
+    assert documents.starts.tolist() == [*np.flatnonzero(tokens == BOS).tolist(), 1000]
+
+
+def test_reads_equal_the_documents_concatenated_in_order():
+    tokens, documents = stream(2000, seed=1)
+    order = np.random.default_rng(5).permutation(len(documents))
+    expected = documents_in_order(tokens, BOS, order)
+    epoch = EpochStream(documents, order)
+    assert len(epoch) == 2000
+    rng = np.random.default_rng(0)
+    for start, length in [(0, 2000), (0, 0), (1999, 1), *rng.integers(0, 1000, (50, 2))]:
+        got = epoch.read(int(start), int(length))
+        assert got.dtype == np.int64
+        assert got.tolist() == expected[start : start + length].tolist()
+    with pytest.raises(IndexError, match=r"\[1990, 2001\) are outside the stream of 2000"):
+        epoch.read(1990, 11)
+
+
+def test_windows_are_consecutive_and_labels_are_inputs_shifted():
+    tokens, documents = stream(1005)
+    epoch = EpochStream(documents, np.arange(len(documents)))
+    windows = PackedSequences(epoch, cursor=3, seq_len=9)
+    assert len(windows) == 100  # (1005 - 3) // 10; the last 2 tokens are dropped
+    for i in range(len(windows)):
+        inputs, labels = windows[i]
         assert inputs.dtype == labels.dtype == torch.int64
-        assert inputs.tolist() == list(range(10 * i, 10 * i + 9))
-        assert labels.tolist() == list(range(10 * i + 1, 10 * i + 10))
-
-
-def test_epochs_reshuffle_deterministically():
-    tokens = np.arange(1000, dtype=np.uint16)
-    dataset = PackedSequences(tokens, seq_len=9, seed=3)
-    epoch0 = first_tokens(dataset)
-    dataset.set_epoch(1)
-    epoch1 = first_tokens(dataset)
-    assert epoch0 != epoch1 and sorted(epoch0) == sorted(epoch1) == list(range(0, 1000, 10))
-    assert first_tokens(PackedSequences(tokens, seq_len=9, seed=3)) == epoch0
-    expected = np.random.default_rng(3 + 1).permutation(100) * 10
-    assert epoch1 == expected.tolist()
+        assert inputs.tolist() == tokens[3 + 10 * i : 12 + 10 * i].tolist()
+        assert labels.tolist() == tokens[4 + 10 * i : 13 + 10 * i].tolist()
+    with pytest.raises(IndexError):
+        windows[100]
 
 
 @pytest.mark.parametrize("dp_world", [2, 3])
-def test_ranks_read_disjoint_equal_shards(dp_world):
-    tokens = np.arange(1000, dtype=np.uint16)  # 100 windows: 3 ranks get 33, one is dropped
-    shards = [
-        first_tokens(PackedSequences(tokens, 9, rank, dp_world, seed=0)) for rank in range(dp_world)
-    ]
-    assert {len(s) for s in shards} == {100 // dp_world}
-    seen = [t for shard in shards for t in shard]
-    assert len(seen) == len(set(seen)) == dp_world * (100 // dp_world)
-
-
-def test_rank_outside_world_is_an_error():
-    with pytest.raises(ValueError, match="dp_rank 2"):
-        PackedSequences(np.arange(100, dtype=np.uint16), 9, dp_rank=2, dp_world=2)
+def test_ranks_interleave_the_windows_in_equal_shares(dp_world):
+    _, documents = stream(1000)  # 100 windows: 3 ranks get 33, the last one is dropped
+    epoch = EpochStream(documents, np.random.default_rng(0).permutation(len(documents)))
+    shards = [PackedSequences(epoch, 0, 9, rank, dp_world) for rank in range(dp_world)]
+    assert {len(shard) for shard in shards} == {100 // dp_world}
+    # Item i of every rank, rank by rank, are the consecutive windows i·W .. i·W + W - 1.
+    interleaved = [shard[i][0][0] for i in range(100 // dp_world) for shard in shards]
+    expected = [epoch.read(10 * w, 1)[0] for w in range(dp_world * (100 // dp_world))]
+    assert torch.stack(interleaved).tolist() == expected
 
 
 def test_memmap_pickles_by_name(tmp_path):
     path = tmp_path / "tokens.bin"
-    np.arange(50_000, dtype=np.uint16).tofile(path)
-    dataset = PackedSequences(np.memmap(path, dtype=np.uint16, mode="r"), seq_len=499)
-    payload = pickle.dumps(dataset)
-    assert len(payload) < 10_000  # the 100 KB of tokens were not copied
+    synthetic_stream(50_000, BOS, EOS, seed=0)[0].tofile(path)
+    documents = Documents(np.memmap(path, dtype=np.uint32, mode="r"), BOS)
+    windows = PackedSequences(EpochStream(documents, np.arange(len(documents))), 0, seq_len=499)
+    payload = pickle.dumps(windows)
+    # The 200 KB of tokens were not copied; the per-document offsets (~1,600 documents) were.
+    assert len(payload) < 50_000
     clone = pickle.loads(payload)
-    assert isinstance(clone.tokens, np.memmap)
-    assert torch.equal(clone[7][0], dataset[7][0])
+    assert isinstance(clone.stream.documents.tokens, np.memmap)
+    assert torch.equal(clone[7][0], windows[7][0])

@@ -13,12 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from arbor_titan.distributed.float8 import (
-    Float8Config,
-    Float8ScalePrecompute,
-    convert_to_float8,
-    float8_callbacks,
-)
+from arbor_titan.distributed.float8 import Float8Config, convert_to_float8
+from arbor_titan.float8_callback import Float8ScalePrecompute, float8_callbacks
 from arbor_titan.models.arbor import Transformer, resolve_args
 from arbor_titan.models.arbor.args import ModelConfig
 from tests.conftest import REPO, losses, run_training

@@ -1,5 +1,6 @@
 """scripts/generate.py: streams the engine's text, reports speeds, finds the newest checkpoint,
-loads a checkpoint saved by a 4-process FSDP x TP training run, and runs tensor parallel."""
+runs with another RoPE scaling, loads a checkpoint saved by a 4-process FSDP x TP training run,
+and runs tensor parallel."""
 
 import functools
 import importlib.util
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from arbor_titan.models.arbor.rope import rope_cos_sin
+from plugins.inference.cli import engine_factory
 from plugins.inference.engine import create_engine
 from plugins.inference.loading import load_model
 from plugins.inference.sampling import SamplingParams
@@ -107,6 +110,84 @@ def test_unknown_engine_lists_the_registered_ones(checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint), "--prompt", "x", "--engine", "nope", *GREEDY]
     assert generate.main(argv) == 2
     assert "static_kv" in capsys.readouterr().err
+
+
+@pytest.fixture
+def engines(monkeypatch) -> list:
+    """The engines generate.py builds, recorded through its engine factory."""
+    built = []
+
+    def recording_factory(name):
+        make = engine_factory(name)
+
+        def make_and_record(*args):
+            built.append(make(*args))
+            return built[-1]
+
+        return make_and_record
+
+    monkeypatch.setattr(generate, "engine_factory", recording_factory)
+    return built
+
+
+LONG = ["--prompt", "def f(x):", "--temperature=0", "--max-new-tokens=80"]  # past 64 positions
+
+
+def test_rope_override_runs_past_the_training_length_with_its_table(checkpoint, engines, capsys):
+    argv = ["--checkpoint", str(checkpoint), *LONG, "--rope-scaling", "yarn", "--rope-factor", "4"]
+    assert generate.main([*argv, "--rope-param", "beta_fast=16"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def f(x):") and "decode: 79 tokens" in err
+    assert "note:" not in err  # 85 positions are within the scaled 64 × 4
+    forward = engines[0].forward
+    scaling = {"type": "yarn", "factor": 4.0, "beta_fast": 16, "original_max_seq_len": 64}
+    args = forward.model.args
+    assert args.rope_scaling == scaling and args.max_seq_len == 256
+    expected = rope_cos_sin(args.head_dim, forward.max_len, args.rope_theta, scaling)
+    assert forward.max_len > 64 and torch.equal(forward.rope, expected)
+
+
+def test_the_checkpoint_scaling_is_used_and_sets_the_context(checkpoint, engines, capsys, tmp_path):
+    """Trained at 64 positions with YaRN extending 32 × 4: 85 positions need no note."""
+    scaling = {"type": "yarn", "factor": 4.0, "original_max_seq_len": 32}
+    tokenizer = checkpoint / "tokenizer.model"
+    scaled = save_dcp_checkpoint(
+        random_model(tiny_args(rope_scaling=scaling)), tmp_path / "step-1", tokenizer
+    )
+    assert generate.main(["--checkpoint", str(scaled), *LONG]) == 0
+    assert "note:" not in capsys.readouterr().err
+    forward = engines[0].forward
+    expected = rope_cos_sin(
+        forward.head_dim, forward.max_len, forward.model.args.rope_theta, scaling
+    )
+    assert forward.model.args.rope_scaling == scaling and torch.equal(forward.rope, expected)
+
+
+def test_without_a_scaling_the_note_names_the_training_length_as_the_context(
+    checkpoint, engines, capsys
+):
+    assert generate.main(["--checkpoint", str(checkpoint), *LONG]) == 0
+    assert "exceed the model's context length 64" in capsys.readouterr().err
+    forward = engines[0].forward
+    expected = rope_cos_sin(forward.head_dim, forward.max_len, forward.model.args.rope_theta)
+    assert torch.equal(forward.rope, expected)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--rope-scaling", "longrope"], "--rope-scaling: unknown rope_scaling 'longrope'"),
+        (["--rope-factor", "2"], "name one with --rope-scaling (dynamic_ntk, linear"),
+        (["--rope-scaling", "yarn", "--rope-param", "factor"], "--rope-param: expected KEY=VALUE"),
+        (["--rope-scaling", "ntk", "--rope-factor", "0.5"], "--rope-param.factor must be >= 1"),
+    ],
+)
+def test_bad_rope_flags_are_one_line_errors(checkpoint, flags, named, capsys):
+    assert generate.main(["--checkpoint", str(checkpoint), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1, err
+    if "unknown" in named:
+        assert all(name in err for name in ("dynamic_ntk", "linear", "llama3", "ntk", "yarn"))
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from tests.plugins.inference.tiny import (
     tiny_args,
     train_tokenizer,
 )
-from tests.scripts.test_generate import engine_text
+from tests.scripts.test_generate import engine_text, load_script
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -33,12 +33,14 @@ def free_port() -> int:
 
 
 def test_serve_answers_on_localhost_with_an_api_key(tmp_path: Path):
+    """Under a RoPE scaling given on the command line, which sets the context it serves."""
     checkpoint = save_dcp_checkpoint(
         random_model(tiny_args()), tmp_path / "step-1", train_tokenizer(tmp_path / "tok.model")
     )
     port = free_port()
     command = [sys.executable, str(REPO / "scripts/serve.py"), "--checkpoint", str(checkpoint)]
     command += ["--port", str(port), "--api-key", "secret", "--max-batch", "2"]
+    command += ["--rope-scaling", "yarn", "--rope-factor", "2"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -55,6 +57,19 @@ def test_serve_answers_on_localhost_with_an_api_key(tmp_path: Path):
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it.
     assert server.returncode in (0, -signal.SIGTERM) and "Traceback" not in output, output
     assert f"on http://127.0.0.1:{port}" in output
+    scaling = {"type": "yarn", "factor": 2.0, "original_max_seq_len": 64}
+    assert f"context 128 tokens, RoPE {scaling}" in output  # trained 64 × factor 2
+
+
+def test_unknown_rope_scaling_is_a_one_line_error(tmp_path: Path, capsys):
+    checkpoint = save_dcp_checkpoint(
+        random_model(tiny_args()), tmp_path / "step-1", train_tokenizer(tmp_path / "tok.model")
+    )
+    argv = ["--checkpoint", str(checkpoint), "--rope-scaling", "yarm", "--rope-factor", "2"]
+    assert load_script("serve").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serve.py: error: --rope-scaling: unknown rope_scaling 'yarm'")
+    assert "yarn" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ class ModelConfig:
 
     name: str = option("arbor", "Model family; 'arbor' is the Llama-style decoder.")
     flavor: str = option("debug", "Named size: debug, bench, growth_large, 799m, 200b, 400b.")
-    norm_eps: float = option(1e-5, "RMSNorm epsilon.")
-    rope_theta: float = option(10000.0, "RoPE base frequency.")
+    norm_eps: float = option(1e-5, "RMSNorm epsilon.", gt=0)
+    rope_theta: float = option(10000.0, "RoPE base frequency.", gt=0)
     tie_embeddings: bool = option(False, "Share the token embedding with the output projection.")
 
 

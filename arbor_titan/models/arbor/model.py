@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.models.arbor.masking import AttentionMask, attention, document_mask
 from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention through `F.scaled_dot_product_attention`."""
+    """Grouped-query causal self-attention, optionally within documents (see masking.py)."""
 
     def __init__(self, args: ArborArgs):
         super().__init__()
@@ -25,19 +26,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x_bsd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_bsd: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask = None
+    ) -> torch.Tensor:
         bsz, seq_len, _ = x_bsd.shape
         # -1 heads so a tensor-parallel shard (fewer local heads) needs no special case.
         q_bshd = self.wq(x_bsd).view(bsz, seq_len, -1, self.head_dim)
         k_bshd = self.wk(x_bsd).view(bsz, seq_len, -1, self.head_dim)
         v_bshd = self.wv(x_bsd).view(bsz, seq_len, -1, self.head_dim)
         q_bshd, k_bshd = apply_rope(q_bshd, cos_sin), apply_rope(k_bshd, cos_sin)
-        out_bhsd = F.scaled_dot_product_attention(
-            q_bshd.transpose(1, 2),
-            k_bshd.transpose(1, 2),
-            v_bshd.transpose(1, 2),
-            is_causal=True,
-            enable_gqa=q_bshd.shape[2] != k_bshd.shape[2],
+        out_bhsd = attention(
+            q_bshd.transpose(1, 2), k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), mask
         )
         return self.wo(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1))
 
@@ -64,8 +63,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x_bsd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        h_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), cos_sin)
+    def forward(
+        self, x_bsd: torch.Tensor, cos_sin: torch.Tensor, mask: AttentionMask = None
+    ) -> torch.Tensor:
+        h_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), cos_sin, mask)
         return h_bsd + self.feed_forward(self.ffn_norm(h_bsd))
 
     def init_weights(self, init_std: float, residual_std: float) -> None:
@@ -87,6 +88,10 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Token ids (batch, seq) → logits (batch, seq, vocab).
+
+    Packed documents: `document_ids_bs` (batch, seq) confines attention to each token's own
+    document, and `positions_bs` gives each token's RoPE position (default 0..seq-1); see
+    masking.py. Pipeline stages receive neither (only the hidden state travels between them).
 
     Layers live in a ModuleDict keyed by their index so pipeline stages can drop the layers they
     don't own and keep the original names (checkpoints then reshard across stage splits).
@@ -113,10 +118,18 @@ class Transformer(nn.Module):
             persistent=False,
         )
 
-    def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        tokens_bs: torch.Tensor,
+        document_ids_bs: torch.Tensor | None = None,
+        positions_bs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h_bsd = self.tok_embeddings(tokens_bs) if self.tok_embeddings is not None else tokens_bs
+        # Built once per forward and shared by every layer.
+        mask = None if document_ids_bs is None else document_mask(document_ids_bs)
+        cos_sin = self.rope_cache if positions_bs is None else self.rope_cache[:, positions_bs]
         for layer in self.layers.values():
-            h_bsd = layer(h_bsd, self.rope_cache)
+            h_bsd = layer(h_bsd, cos_sin, mask)
         if self.norm is not None:
             h_bsd = self.norm(h_bsd)
         if self.output is not None:

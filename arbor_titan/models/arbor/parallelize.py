@@ -29,11 +29,11 @@ def root_plan(loss_parallel: bool) -> dict[str, ParallelStyle]:
 
 
 def block_plan() -> dict[str, ParallelStyle]:
-    """One transformer block; attention's second input (the RoPE table) stays a plain tensor."""
+    """One transformer block; attention's other inputs (RoPE table, document mask) stay plain."""
     return {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

@@ -1,4 +1,7 @@
-"""The built-in growth operators; importing this package registers them (formulas: GROWTH.md)."""
+"""The built-in growth operators; importing this package registers them.
+
+Their math, and why the exact ones keep the logits: docs/growth.md.
+"""
 
 from plugins.growth.operators import (  # noqa: F401 - imported to register
     add_heads,

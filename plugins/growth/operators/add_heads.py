@@ -1,4 +1,4 @@
-"""`add_heads`: (H, KV) -> (H + aG, KV + a) with head_dim unchanged (GROWTH.md rule 4).
+"""`add_heads`: (H, KV) -> (H + aG, KV + a) with head_dim unchanged (docs/growth.md, rule 4).
 
 Query heads are appended in whole GQA groups together with their kv head, so every old query
 head keeps its kv head (head h reads kv head h // G). The new heads' readers (rows of wq, wk, wv)

@@ -1,10 +1,11 @@
 """`clone_width`: HyperCloning x n. D, H, KV, F -> nD, nH, nKV, kF with head_dim unchanged.
 
 The residual stream becomes [h, ..., h]; every reader is tiled and divided by the number of
-input copies, every gain and the embedding are tiled (GROWTH.md). Query heads become
-h0..h(H-1), h0..., which keeps GQA consistent. A tied output projection is untied (rule 5): it
-must be divided by n while the embedding must not. Both untied matrices restart their optimizer
-state (zero moments, step 0): the tied moments mix the two uses' gradients and can't be split.
+input copies, every gain and the embedding are tiled (docs/growth.md, clone_width). Query heads
+become h0..h(H-1), h0..., which keeps GQA consistent. A tied output projection is untied (rule
+5): it must be divided by n while the embedding must not. Both untied matrices restart their
+optimizer state (zero moments, step 0): the tied moments mix the two uses' gradients and can't
+be split.
 
 Symmetry breaking: each matrix that reads cloned inputs gets noise that sums to zero over the
 copies of each input column, so the forward pass is unchanged (up to rounding) while the

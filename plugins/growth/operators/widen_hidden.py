@@ -3,7 +3,7 @@
 The embedding and the residual writers (wo, w2) get zero new columns/rows, so the new residual
 dimensions stay zero; readers (wq, wk, wv, w1, w3, output) get random new columns. Zero padding
 divides every RMSNorm's mean(h^2) by D'/d, so the gains are rescaled by sqrt(d/D') and eps by
-d/D' (GROWTH.md rule 3); without that the logits move by O(1). The rescaled gains' gradients
+d/D' (docs/growth.md, rule 3); without that the logits move by O(1). The rescaled gains' gradients
 grow by sqrt(D'/d), and their moments with them. A tied output projection is untied: as a reader
 its new columns must be random while the embedding's must be zero (rules 1 and 2); both untied
 matrices restart their optimizer state, since the tied moments mix both uses' gradients. Heads

@@ -1,4 +1,4 @@
-"""Every built-in operator against the properties GROWTH.md asks of it, on tiny random models."""
+"""Every built-in operator against the properties docs/growth.md promises, on tiny random models."""
 
 import dataclasses
 

@@ -145,10 +145,10 @@ def test_unknown_optimizer_entry_is_named():
 
 
 def test_clone_then_step_versus_step_then_clone():
-    """GROWTH.md asked to verify clone's moment rule this way. With moments scaled as the
-    gradients are, tensors the clone does not divide (embedding, gains) step exactly as if the
-    small model had stepped and then been cloned; a tensor divided by n takes n times that step,
-    because Adam's update ignores the gradient's scale (documented in clone_width)."""
+    """Clone's moment rule, checked end to end (docs/growth.md, "Optimizer state"). With moments
+    scaled as the gradients are, tensors the clone does not divide (embedding, gains) step exactly
+    as if the small model had stepped and then been cloned; a tensor divided by n takes n times that
+    step, because Adam's update ignores the gradient's scale (documented in clone_width)."""
     model, optimizer = trained(TINY, steps=3)
     growth, grown = grow(model, "clone_width", {"noise": False})
     grown_optimizer = torch.optim.AdamW(grown.parameters(), lr=LR, betas=BETAS, weight_decay=0.0)

@@ -1,11 +1,8 @@
 """The KV-cache forward equals the model's own cache-free forward, step by step and per slot."""
 
-import types
-
 import pytest
 import torch
 
-from arbor_titan import registry
 from arbor_titan.models.arbor.rope import rope_cos_sin
 from plugins.inference.decoder import ArborCachedForward
 from plugins.inference.rope import rope_table
@@ -21,8 +18,13 @@ def reference_logits(model, tokens_s):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, {"n_kv_heads": 4}, {"n_kv_heads": 1, "tie_embeddings": True}],
-    ids=["gqa", "mha", "mqa-tied"],
+    [
+        {},
+        {"n_kv_heads": 4},
+        {"n_kv_heads": 1, "tie_embeddings": True},
+        {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 16}},
+    ],
+    ids=["gqa", "mha", "mqa-tied", "yarn"],
 )
 def test_prefill_then_decode_matches_full_forward_at_every_step(changes):
     model = random_model(tiny_args(**changes))
@@ -107,27 +109,6 @@ def test_rope_table_extends_past_the_training_length():
         forward.prefill(torch.arange(1, 60), 0)
         logits = forward.decode(torch.tensor([5]), torch.tensor([59]))
     assert torch.isfinite(logits).all()
-
-
-def test_rope_scaling_settings_call_the_registered_plugin():
-    calls = []
-
-    @registry.register("rope_scaling", "test_halved_positions")
-    def halved(args, length, settings):
-        calls.append(settings)
-        return rope_cos_sin(args.head_dim, 2 * length, args.rope_theta)[:, ::2]
-
-    args = types.SimpleNamespace(
-        head_dim=8, rope_theta=10000.0, rope_scaling={"type": "test_halved_positions", "f": 2}
-    )
-    table = rope_table(args, 10)
-    assert calls == [{"type": "test_halved_positions", "f": 2}]
-    assert torch.equal(table[:, 3], rope_cos_sin(8, 20, 10000.0)[:, 6])
-    args.rope_scaling = {"rope_type": "default"}
-    assert torch.equal(rope_table(args, 10), rope_cos_sin(8, 10, 10000.0))
-    args.rope_scaling = {"type": "no_such_scaling"}
-    with pytest.raises(registry.PluginError, match="no_such_scaling"):
-        rope_table(args, 10)
 
 
 def test_cache_holds_kv_heads_only(tiny_model):
