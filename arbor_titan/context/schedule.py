@@ -32,8 +32,11 @@ class ContextShape:
 
     def fields(self) -> dict[str, Any]:
         """As an event's fields (metrics.jsonl, TensorBoard, console)."""
-        return {"seq_len": self.seq_len, "local_batch_size": self.local_batch_size,
-                "rope": self.rope}  # fmt: skip
+        return {
+            "seq_len": self.seq_len,
+            "local_batch_size": self.local_batch_size,
+            "rope": self.rope,
+        }
 
 
 @dataclass
