@@ -86,7 +86,12 @@ class ContextCallback(Callback):
 def check_layout(shapes: list[ContextShape], trainer: "Trainer") -> None:
     """Every shape the schedule can answer fits this run's parallelism, checked before step 0."""
     dims, cfg = trainer.dims, trainer.cfg
-    lengths = [("context.schedule", shape.seq_len) for shape in shapes]
+    # A length or batch the schedule didn't change is the [training] key's.
+    lengths = [
+        ("training.seq_len" if shape.seq_len == cfg.training.seq_len else "context.schedule",
+         shape.seq_len)
+        for shape in shapes
+    ]  # fmt: skip
     if cfg.validation.seq_len:
         lengths.append(("validation.seq_len", cfg.validation.seq_len))
     for key, seq_len in lengths:
@@ -98,15 +103,15 @@ def check_layout(shapes: list[ContextShape], trainer: "Trainer") -> None:
             )
     if dims.pp > 1:
         microbatches = num_microbatches(cfg.parallelism, dims.pp)
-        key = (
-            "context.keep_tokens_per_step"
-            if cfg.context.keep_tokens_per_step
-            else "context.schedule"
-        )
         for shape in shapes:
             if shape.local_batch_size % microbatches:
+                key = (
+                    "training.local_batch_size"
+                    if shape.local_batch_size == cfg.training.local_batch_size
+                    else "context.keep_tokens_per_step"
+                )
                 raise ConfigError(
-                    f"{key}: the micro-batch of {shape.local_batch_size} sequences at length "
-                    f"{shape.seq_len} is not a multiple of the {microbatches} pipeline "
-                    "microbatches (parallelism.pipeline_parallel_microbatches)"
+                    f"{key}: the micro-batch of {shape.local_batch_size} sequences (at length "
+                    f"{shape.seq_len}) must be divisible by "
+                    f"parallelism.pipeline_parallel_microbatches={microbatches}"
                 )

@@ -53,6 +53,12 @@ def test_every_length_must_split_over_sequence_parallel_ranks():
         check(stages(128, 129), TP)
     with pytest.raises(ConfigError, match=r"validation.seq_len: sequence length 97"):
         check(stages(128), TP, val_seq_len=97)
+    # The constant schedule's length is the [training] key's.
+    trainer = trainer_with(TP, ContextConfig())
+    trainer.cfg.training.seq_len = 65
+    constant = build_context_schedule(ContextConfig(), seq_len=65, local_batch_size=4)
+    with pytest.raises(ConfigError, match=r"training.seq_len: sequence length 65"):
+        check_layout(constant.shapes(), trainer)
 
 
 def test_every_micro_batch_must_split_into_pipeline_microbatches():
@@ -60,8 +66,8 @@ def test_every_micro_batch_must_split_into_pipeline_microbatches():
     check(stages(128, keep_tokens=True), PP)
     with pytest.raises(
         ConfigError,
-        match=r"context.keep_tokens_per_step: the micro-batch of 1 sequences at length 256 is not "
-        r"a multiple of the 2 pipeline microbatches",
+        match=r"context.keep_tokens_per_step: the micro-batch of 1 sequences \(at length 256\) "
+        r"must be divisible by parallelism.pipeline_parallel_microbatches=2",
     ):
         check(stages(128, 256, keep_tokens=True), PP)
 
