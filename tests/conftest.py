@@ -1,10 +1,12 @@
 """Shared fixtures: one small corpus cache for every end-to-end run of the session."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -25,6 +27,31 @@ FAST_TRAINING = [
     "--metrics.log_freq=1",
     "--validation.enable=false",
 ]
+
+
+def dev_dependency(name: str) -> ModuleType | None:
+    """A package of the `dev` extra, or None where it is not installed (its tests then skip).
+
+    scripts/test.sh installs the extra and sets ARBOR_REQUIRE_DEV_DEPS=1: there a missing
+    package is an error, so a broken environment can't pass by skipping what it can't run.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if os.environ.get("ARBOR_REQUIRE_DEV_DEPS") == "1":
+            raise ImportError(
+                f"{name} is missing but ARBOR_REQUIRE_DEV_DEPS=1 (scripts/test.sh) needs every "
+                "package of the dev extra: pip install -e .[dev]"
+            ) from error
+        return None
+
+
+def import_or_skip(name: str) -> ModuleType:
+    """`pytest.importorskip` for a package of the `dev` extra (see `dev_dependency`)."""
+    module = dev_dependency(name)
+    if module is None:
+        pytest.skip(f"needs {name} (pip install -e .[dev])", allow_module_level=True)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +82,12 @@ def run_training(
     script: list[str] | None = None,
     check: bool = True,
     timeout: float = 300,
+    config: str = "debug_model.toml",
 ) -> subprocess.CompletedProcess:
-    """Train the debug config in a subprocess (torchrun when nproc > 1)."""
+    """Train a config of train_configs/ (the debug model's by default) in a subprocess
+    (torchrun when nproc > 1)."""
     command = (script or train_command(nproc)) + [
-        str(REPO / "train_configs/debug_model.toml"),
+        str(REPO / "train_configs" / config),
         f"--job.dump_folder={dump_folder}",
         f"--job.name={job}",
         *FAST_TRAINING,

@@ -175,8 +175,25 @@ def rope_from_hf_config(config: dict, path: Path) -> tuple[float, dict | None]:
 # -- config.json
 
 
+def check_llama_heads(args: ArborArgs) -> None:
+    """transformers' LlamaConfig (v5) refuses a hidden size that is not a multiple of the head
+    count, even with `head_dim` given and although its attention would compute such a model.
+    `add_heads` makes one (the debug model: dim 128, 6 heads of 32), so it is refused before
+    anything is written, naming the exact growth that gives the same model an exportable shape."""
+    if args.dim % args.n_heads:
+        dim = -(-args.dim // args.n_heads) * args.n_heads
+        raise ConversionError(
+            f"dim={args.dim} is not a multiple of n_heads={args.n_heads} (head_dim="
+            f"{args.head_dim}): transformers' LlamaConfig refuses such a model, so it can't be "
+            f"exported. widen_hidden to a multiple of {args.n_heads} keeps the model's outputs "
+            "exactly and exports: python scripts/grow_checkpoint.py SRC WIDE --op widen_hidden "
+            f"--param dim={dim}, then convert WIDE"
+        )
+
+
 def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict:
     """LlamaConfig's fields for `args`; bos/eos ids come from the tokenizer when there is one."""
+    check_llama_heads(args)
     rope, max_positions = hf_rope_parameters(args)
     without_theta = {key: value for key, value in rope.items() if key != "rope_theta"}
     config = {
@@ -278,7 +295,7 @@ def dcp_to_hf(
     )
     tokenizer = src / TOKENIZER_FILE
     saved_dtype = dtype or weights.specs[weights.names[0]].properties.dtype
-    try:  # before any weight is written: a scaling transformers lacks stops the export
+    try:  # before any weight is written: a shape or scaling transformers lacks stops it
         config = hf_config(weights.args, saved_dtype, tokenizer if tokenizer.is_file() else None)
     except ConversionError as err:
         raise ConversionError(f"{src / MODEL_ARGS_FILE}: {err}") from err

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-import tomllib
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (pyproject's tomli)
+    import tomli as tomllib
 
 from arbor_titan.config.fields import Bounds
 

@@ -78,7 +78,7 @@ def build_model(
         parallelize(part, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, numerics)
     if materialize:
         model.to_empty(device="cpu" if cfg.training.cpu_offload else device)
-        model.init_weights(buffer_device=device)
+        model.init_weights(buffer_device=device, seed=cfg.training.seed)
         check_initialized(model)
         if pipeline is not None:
             pipeline.build_schedule()

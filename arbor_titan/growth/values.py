@@ -10,10 +10,11 @@ moment times `grad_scale**power`; every other new entry starts at zero.
 """
 
 import math
-import zlib
 from abc import ABC, abstractmethod
 
 import torch
+
+from arbor_titan.models.arbor.init import named_generator
 
 READ, WRITE, GAIN = "read", "write", "gain"
 ROLES = (READ, WRITE, GAIN)
@@ -59,7 +60,7 @@ class WeightValues(Values):
     result does not depend on the order tensors are grown in or on which rank grows them."""
 
     def __init__(self, seed: int, name: str):
-        self.generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        self.generator = named_generator(seed, name)
 
     def scaled(self, t: torch.Tensor, weight_scale: Scale, grad_scale: Scale) -> torch.Tensor:
         return t * weight_scale

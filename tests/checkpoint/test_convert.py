@@ -29,14 +29,15 @@ from arbor_titan.checkpoint.hf import (
     hf_to_dcp,
 )
 from arbor_titan.checkpoint.stateful import ModelState
+from arbor_titan.growth import Growth
+from arbor_titan.growth.checkpoint import grow_checkpoint
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 from arbor_titan.models.arbor.rope import RopeScaling, build_rope_scaling, plain_inv_freq
+from tests.conftest import dev_dependency
 
-try:
-    import transformers
-except ImportError:  # the round trips and CLI tests still run
-    transformers = None
+# Without it (outside scripts/test.sh) the round trips and CLI tests still run.
+transformers = dev_dependency("transformers")
 needs_transformers = pytest.mark.skipif(
     transformers is None, reason="needs transformers (pip install -e .[dev])"
 )
@@ -60,7 +61,7 @@ def make_model(args: ArborArgs, seed: int, qk_scale: float = 1.0) -> Transformer
     positions (RoPE) matter more in the output."""
     torch.manual_seed(seed)
     model = Transformer(args)
-    model.init_weights()
+    model.init_weights(seed=seed)
     # Norms start at 1; random ones make a swapped norm mapping change the logits.
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -296,6 +297,39 @@ def test_a_scaling_transformers_lacks_is_not_exported(tmp_path):
         err.value
     )
     assert not (tmp_path / "hf").exists()
+
+
+# add_heads on ARGS: one more GQA group, 6 heads of 16 over dim 64.
+MORE_HEADS = replace(ARGS, n_heads=6, n_kv_heads=3, head_dim=16)
+
+
+def test_a_shape_transformers_refuses_is_not_exported_and_the_fix_is_named(tmp_path):
+    src = save_checkpoint(make_model(MORE_HEADS, seed=0), tmp_path / "dcp")
+    with pytest.raises(ConversionError) as err:
+        dcp_to_hf(src, tmp_path / "hf")
+    message = str(err.value)
+    assert message.startswith(f"{src / 'model_args.json'}: dim=64 is not a multiple of n_heads=6")
+    assert "grow_checkpoint.py SRC WIDE --op widen_hidden --param dim=66" in message
+    assert not (tmp_path / "hf").exists()
+
+
+@needs_transformers
+def test_transformers_refuses_that_shape_and_loads_the_named_fix_with_equal_logits(tmp_path):
+    # A ValueError inside huggingface_hub's validation error.
+    with pytest.raises(Exception, match="is not a multiple of the number of attention heads"):
+        transformers.LlamaConfig(
+            hidden_size=64, num_attention_heads=6, num_key_value_heads=3, head_dim=16
+        )
+    model = make_model(MORE_HEADS, seed=0)
+    src = save_checkpoint(model, tmp_path / "dcp")
+    grow_checkpoint(
+        src, tmp_path / "wide", lambda args: Growth.create("widen_hidden", args, {"dim": 66}),
+        log=lambda _: None,
+    )  # fmt: skip
+    dcp_to_hf(tmp_path / "wide", tmp_path / "hf")
+    with torch.no_grad():
+        ours = model(TOKENS)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", "sdpa"), ours, atol=1e-5, rtol=0)
 
 
 def test_export_writes_transformers_key_names(tmp_path):

@@ -13,10 +13,14 @@ import pytest
 import torch
 from torch import nn
 
+from arbor_titan.config.cli import load_config
+from arbor_titan.distributed.build import build_model
 from arbor_titan.distributed.float8 import Float8Config, convert_to_float8
+from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.float8_callback import Float8ScalePrecompute, float8_callbacks
-from arbor_titan.models.arbor import Transformer, resolve_args
+from arbor_titan.models.arbor import ArborArgs, Transformer, resolve_args
 from arbor_titan.models.arbor.args import ModelConfig
+from arbor_titan.trainer import cross_entropy_loss
 from tests.conftest import REPO, losses, run_training
 
 ON = Float8Config(enable_float8_linear=True)
@@ -43,6 +47,27 @@ def test_skips_dims_float8_matmuls_cannot_take():
     assert convert_to_float8(model, Float8Config(True, filter_fqns=[]), torch.device("cpu")) == [
         "0"
     ]
+
+
+def test_a_built_model_runs_float8_in_exactly_the_eligible_linears():
+    """Through `build_model`, as a run builds it: the materialized model has Float8Linear where
+    float8 matmuls can run, and nn.Linear for the filtered output and for dims they can't take
+    (kv projections of 8 features, an FFN of 72)."""
+    cfg = load_config(None, ["--float8.enable_float8_linear=true"])
+    args = ArborArgs(
+        dim=64, n_layers=2, n_heads=8, n_kv_heads=1, ffn_dim=72, vocab_size=128, max_seq_len=32
+    )
+    dims = ParallelDims.from_config(cfg.parallelism, 1)
+    model = build_model(cfg, dims, args, cross_entropy_loss, torch.device("cpu")).model
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    float8 = {f"layers.{i}.attention.{w}" for i in range(2) for w in ("wq", "wo")}
+    assert {name for name, kind in kinds.items() if kind == "Float8Linear"} == float8
+    kept = {f"layers.{i}.{w}" for i in range(2) for w in ("attention.wk", "attention.wv")}
+    kept |= {f"layers.{i}.feed_forward.{w}" for i in range(2) for w in ("w1", "w2", "w3")}
+    assert {name for name, kind in kinds.items() if kind == "Linear"} == kept | {"output"}
+    tokens = torch.randint(0, 128, (2, 17))
+    cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    assert all(model.get_submodule(name).weight.grad is not None for name in float8)
 
 
 def test_disabled_converts_nothing():
@@ -166,11 +191,7 @@ def _precompute_worker(out_dir: str) -> None:
     weight's precomputed scale, and the next step must use it and stay finite."""
     from types import SimpleNamespace
 
-    from arbor_titan.config.cli import load_config
-    from arbor_titan.distributed.build import build_model
     from arbor_titan.distributed.init import init_distributed, shutdown
-    from arbor_titan.distributed.parallel_dims import ParallelDims
-    from arbor_titan.trainer import cross_entropy_loss
 
     proc = init_distributed()
     cfg = load_config(

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from arbor_titan.config.cli import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, import_or_skip
 
 spec = importlib.util.spec_from_file_location("bench_growth", REPO / "scripts/bench_growth.py")
 bench = importlib.util.module_from_spec(spec)
@@ -32,7 +32,7 @@ def test_grown_run_counts_the_small_phase_then_the_large_one():
 
 @pytest.mark.slow
 def test_quick_run_writes_summary_and_plot(dump_folder, capsys):
-    pytest.importorskip("matplotlib")
+    import_or_skip("matplotlib")
     # The session's dump folder: its small corpus and tokenizer are the --quick ones.
     assert bench.main(["--quick", f"--dump-folder={dump_folder}"]) == 0
     summary = json.loads((dump_folder / "bench_growth.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from plugins.inference.lockstep import IDLE_ORDERS_S
-from tests.conftest import REPO
+from tests.conftest import REPO, import_or_skip
 from tests.plugins.inference.tiny import (
     random_model,
     save_dcp_checkpoint,
@@ -22,8 +22,8 @@ from tests.plugins.inference.tiny import (
 )
 from tests.scripts.test_generate import engine_text, load_script
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+httpx = import_or_skip("httpx")
+import_or_skip("fastapi")
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arbor_titan.models.arbor.args import ArborArgs
+from arbor_titan.models.arbor.init import init_seeded_, normal, trunc_normal
 from arbor_titan.models.arbor.masking import AttentionMask, attention, document_mask
 from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin
 
@@ -69,21 +70,24 @@ class TransformerBlock(nn.Module):
         h_bsd = x_bsd + self.attention(self.attention_norm(x_bsd), cos_sin, mask)
         return h_bsd + self.feed_forward(self.ffn_norm(h_bsd))
 
-    def init_weights(self, init_std: float, residual_std: float) -> None:
+    def init_weights(self, init_std: float, residual_std: float, seed: int, prefix: str) -> None:
+        """`prefix` is the block's name in the model ("layers.3."): each weight's values are
+        drawn for (seed, its full name), whatever layout holds it (see init.py)."""
         for norm in (self.attention_norm, self.ffn_norm):
             norm.reset_parameters()
         # The two residual writers (attention output, FFN down projection) start smaller so the
         # residual stream's variance stays flat with depth (GPT-2's scaled init).
-        for linear, std in (
-            (self.attention.wq, init_std),
-            (self.attention.wk, init_std),
-            (self.attention.wv, init_std),
-            (self.attention.wo, residual_std),
-            (self.feed_forward.w1, init_std),
-            (self.feed_forward.w3, init_std),
-            (self.feed_forward.w2, residual_std),
+        for name, std in (
+            ("attention.wq", init_std),
+            ("attention.wk", init_std),
+            ("attention.wv", init_std),
+            ("attention.wo", residual_std),
+            ("feed_forward.w1", init_std),
+            ("feed_forward.w3", init_std),
+            ("feed_forward.w2", residual_std),
         ):
-            nn.init.trunc_normal_(linear.weight, std=std, a=-3 * std, b=3 * std)
+            weight = self.get_submodule(name).weight
+            init_seeded_(weight, trunc_normal(std), seed, f"{prefix}{name}.weight")
 
 
 class Transformer(nn.Module):
@@ -139,21 +143,26 @@ class Transformer(nn.Module):
         return h_bsd
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialize every parameter and recompute the RoPE buffer (lost by `to_empty`)."""
+    def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
+        """Initialize every parameter and recompute the RoPE buffer (lost by `to_empty`).
+
+        A parameter's values depend on `seed` and its name only, so every sharding and
+        pipeline split of the model starts from the same weights."""
         args = self.args
         buffer_device = buffer_device or self.rope_cache.device
         self.rope_cache = rope_table(args).to(buffer_device)
         init_std = 0.02
         residual_std = init_std / math.sqrt(2 * args.n_layers)
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=init_std)
-        for layer in self.layers.values():
-            layer.init_weights(init_std, residual_std)
+            init_seeded_(
+                self.tok_embeddings.weight, normal(init_std), seed, "tok_embeddings.weight"
+            )
+        for key, layer in self.layers.items():
+            layer.init_weights(init_std, residual_std, seed, prefix=f"layers.{key}.")
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=init_std, a=-3 * init_std, b=3 * init_std)
+            init_seeded_(self.output.weight, trunc_normal(init_std), seed, "output.weight")
 
 
 def rope_table(args: ArborArgs) -> torch.Tensor:

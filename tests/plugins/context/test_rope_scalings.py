@@ -8,12 +8,12 @@ from arbor_titan.config.loader import ConfigError
 from arbor_titan.growth.apply import Growth
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.rope import build_rope_scaling, plain_inv_freq, rope_cos_sin
+from tests.conftest import dev_dependency
 
-try:
-    import transformers
+# Without it (outside scripts/test.sh) the identity and error tests still run.
+transformers = dev_dependency("transformers")
+if transformers is not None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-except ImportError:  # the identity and error tests still run
-    transformers = None
 needs_transformers = pytest.mark.skipif(
     transformers is None, reason="needs transformers (pip install -e .[dev])"
 )

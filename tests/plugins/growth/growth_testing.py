@@ -34,7 +34,7 @@ def random_model(args: ArborArgs, dtype: torch.dtype = torch.float64, seed: int 
     """A model whose every parameter is away from its init (gains too), like a trained one."""
     torch.manual_seed(seed)
     model = Transformer(args)
-    model.init_weights()
+    model.init_weights(seed=seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from tests.conftest import import_or_skip
+
+httpx = import_or_skip("httpx")
+import_or_skip("fastapi")
+import_or_skip("uvicorn")
 
 from plugins.inference.engine import Engine, create_engine  # noqa: E402
 from plugins.inference.openai_api import CHAT_STOP  # noqa: E402
@@ -188,7 +190,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(client, server):
 
 
 def test_metrics_parse_and_count_what_happened(client):
-    parser = pytest.importorskip("prometheus_client.parser")
+    parser = import_or_skip("prometheus_client.parser")
     complete(client, PROMPTS[1], 4)
     text = client.get("/metrics").text
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}

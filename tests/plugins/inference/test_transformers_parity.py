@@ -1,16 +1,16 @@
 """Greedy fp32 decoding with the KV-cache engine is token-identical to `transformers`'
 LlamaForCausalLM loaded from our Hugging Face export of the same weights."""
 
-import pytest
 import torch
 
 from arbor_titan.checkpoint.hf import dcp_to_hf
 from plugins.inference.engine import create_engine
 from plugins.inference.loading import load_model
 from plugins.inference.sampling import SamplingParams
+from tests.conftest import import_or_skip
 from tests.plugins.inference.tiny import random_model, save_dcp_checkpoint, tiny_args
 
-transformers = pytest.importorskip("transformers")
+transformers = import_or_skip("transformers")
 
 NEW_TOKENS = 64
 

@@ -58,7 +58,7 @@ def random_model(args: ArborArgs, seed: int = 0) -> Transformer:
     pick different argmaxes from rounding alone."""
     torch.manual_seed(seed)
     model = Transformer(args)
-    model.init_weights()
+    model.init_weights(seed=seed)
     with torch.no_grad():
         model.tok_embeddings.weight.normal_(std=1.0)
         if model.output is not None:
