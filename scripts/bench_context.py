@@ -4,7 +4,8 @@
 
 Arm `constant` trains the `bench` flavor at sequence length 512 throughout
 (train_configs/bench_context.toml); arm `warmup` starts at `--start-seq-len` and reaches 512
-after `--warmup-steps` (the `warmup` context schedule, linear pacing), with
+after `--warmup-steps`, doubling at equal intervals (64, 128, 256, 512 by default, as a `stages`
+context schedule: the lengths must divide a step's tokens, which a linear ramp's don't), with
 `keep_tokens_per_step` so every step of both arms trains on the same 4,096 tokens: the same
 tokens in the same order (the loader cuts one stream at a cursor), the same seed and learning
 rate schedule. Validation runs at the full length in both arms, on the same held-out batches.
@@ -89,20 +90,31 @@ def arm_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
         common += [f"--training.steps={args.steps}", f"--lr_scheduler.warmup_steps={warmup}"]
     if args.val_freq:
         common.append(f"--validation.freq={args.val_freq}")
-    schedule = (
-        f"{{ start_seq_len = {args.start_seq_len}, steps = {args.warmup_steps}, "
-        'pacing = "linear" }'
-    )
+    full = load_config(CONFIG, common).training.seq_len
+    stages = doubling_stages(args.start_seq_len, args.warmup_steps, full)
+    schedule = f"{{ stages = [{', '.join(stages)}] }}"
     return {
         "constant": common,
         "warmup": common
         + [
             "--job.name=bench_context_warmup",
-            "--context.schedule=warmup",
+            "--context.schedule=stages",
             f"--context.schedule_params={schedule}",
             "--context.keep_tokens_per_step=true",
         ],
     }
+
+
+def doubling_stages(start: int, warmup_steps: int, full: int) -> list[str]:
+    """The warmup as `stages` tables: start, 2·start, 4·start, ... each for an equal share of
+    the warmup steps, then the full length. Doubling, because with keep_tokens_per_step every
+    length must divide a step's tokens (a power of two here), which a linear ramp's 192 doesn't."""
+    lengths, length = [], start
+    while length < full:
+        lengths, length = [*lengths, length], 2 * length
+    steps = [round(k * warmup_steps / len(lengths)) for k in range(len(lengths))]
+    tables = [f"{{ step = {step}, seq_len = {n} }}" for step, n in zip(steps, lengths)]
+    return [*tables, f"{{ step = {warmup_steps}, seq_len = {full} }}"]
 
 
 def flops_per_token_at(cfg: JobConfig, seq_len: int) -> int:

@@ -64,7 +64,8 @@ class _GrowingSource:
 
     def __init__(self, src: Path, growth: Growth, log: Callable[[str], None]):
         self.src, self.growth, self.log = src, growth, log
-        self.metadata = FileSystemReader(src).read_metadata().state_dict_metadata
+        self.reader = _MetadataOnceReader(src)
+        self.metadata = self.reader.read_metadata().state_dict_metadata
         self.sources = list(self.metadata)
         self.placeholders: dict[str, Any] = {}
         self.origin: dict[str, str] = {}
@@ -128,8 +129,22 @@ class _GrowingSource:
             if isinstance(info, BytesStorageMetadata)
             else torch.empty(info.size, dtype=info.properties.dtype)
         }
-        dcp.load(box, storage_reader=FileSystemReader(self.src), no_dist=True)
+        dcp.load(box, storage_reader=self.reader, no_dist=True)
         return box[key]
+
+
+class _MetadataOnceReader(FileSystemReader):
+    """Unpickles the checkpoint's metadata once: `dcp.load` reads it again on every call, and
+    each entry is loaded on its own (that re-reading was most of a growth's time)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
 def _split(key: str) -> tuple[str | None, str, str]:

@@ -22,7 +22,7 @@ def quick_configs():
 def test_arms_differ_only_in_the_context_schedule():
     configs = quick_configs()
     constant, warmup = configs["constant"], configs["warmup"]
-    assert constant.context.schedule == "constant" and warmup.context.schedule == "warmup"
+    assert constant.context.schedule == "constant" and warmup.context.schedule == "stages"
     assert warmup.context.keep_tokens_per_step
     for section in ("training", "optimizer", "lr_scheduler", "data", "tokenizer", "validation"):
         assert getattr(constant, section) == getattr(warmup, section), section
