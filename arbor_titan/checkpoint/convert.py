@@ -121,7 +121,7 @@ def _single_process() -> Iterator[None]:
         yield
 
 
-class _MetadataOnceReader(FileSystemReader):
+class MetadataOnceReader(FileSystemReader):
     """A reader that unpickles `.metadata` once, however many single-tensor loads follow.
 
     A 400B checkpoint's metadata lists every shard of every optimizer state (large); loading
@@ -150,7 +150,7 @@ class DcpWeights:
             raise ConversionError(damage)
         self.folder = folder
         self.args = read_model_args(folder / MODEL_ARGS_FILE)
-        self._reader = _MetadataOnceReader(folder)
+        self._reader = MetadataOnceReader(folder)
         entries = self._reader.read_metadata().state_dict_metadata
         self.specs: dict[str, TensorStorageMetadata] = {}
         for key, meta in entries.items():

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
+from arbor_titan.checkpoint.convert import MetadataOnceReader
 from arbor_titan.checkpoint.folders import MODEL_ARGS_FILE, read_model_args, write_model_args
 from arbor_titan.growth.apply import Growth
 from arbor_titan.models.arbor.args import ArborArgs
@@ -64,7 +65,7 @@ class _GrowingSource:
 
     def __init__(self, src: Path, growth: Growth, log: Callable[[str], None]):
         self.src, self.growth, self.log = src, growth, log
-        self.reader = _MetadataOnceReader(src)
+        self.reader = MetadataOnceReader(src)
         self.metadata = self.reader.read_metadata().state_dict_metadata
         self.sources = list(self.metadata)
         self.placeholders: dict[str, Any] = {}
@@ -131,20 +132,6 @@ class _GrowingSource:
         }
         dcp.load(box, storage_reader=self.reader, no_dist=True)
         return box[key]
-
-
-class _MetadataOnceReader(FileSystemReader):
-    """Unpickles the checkpoint's metadata once: `dcp.load` reads it again on every call, and
-    each entry is loaded on its own (that re-reading was most of a growth's time)."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
 
 
 def _split(key: str) -> tuple[str | None, str, str]:
