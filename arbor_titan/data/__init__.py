@@ -7,19 +7,21 @@ and `build_dataloader` (one rank's batches of one split).
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.data.corpus import Corpus
 from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
-from arbor_titan.data.loader import TokenLoader, TokenSpan, build_dataloader
+from arbor_titan.data.lanes import LanePosition
+from arbor_titan.data.loader import BatchOrigin, TokenLoader, build_dataloader
 from arbor_titan.data.prepare import PreparedData, prepare_data
 from arbor_titan.data.tokenizer import Tokenizer, build_tokenizer
 
 __all__ = [
+    "BatchOrigin",
     "Corpus",
     "DataConfig",
     "Documents",
     "EpochStream",
+    "LanePosition",
     "PackedSequences",
     "PreparedData",
     "TokenLoader",
-    "TokenSpan",
     "Tokenizer",
     "TokenizerConfig",
     "build_dataloader",

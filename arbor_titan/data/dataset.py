@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from arbor_titan.data.lanes import LanePosition
+
 # Tokens compared with BOS at a time while finding documents: bounds the scan's scratch memory.
 _SCAN_TOKENS = 1 << 24
 
@@ -87,26 +89,25 @@ class EpochStream:
 
 
 class PackedSequences(Dataset):
-    """One data-parallel rank's windows of an epoch stream, from global token `cursor` on.
+    """One data-parallel rank's windows of an epoch stream, read from `position` on.
 
-    The stream from the cursor is cut into consecutive windows of `seq_len + 1` tokens; rank r
-    of `dp_world` takes windows r, r + W, r + 2W, ... (item i is window i·W + r), and every rank
-    gets the same number, so a batch of B items on every rank covers W·B whole windows in a row.
-    Item i is `(inputs, labels)`, labels shifted by one.
+    Global window m is `seq_len + 1` tokens at `position.window_start(m)` (far apart from its
+    neighbours, see `LanePosition`); rank r of `dp_world` takes windows r, r + W, r + 2W, ...
+    (item i is window i·W + r), and every rank gets the same number, so a batch of B items on
+    every rank holds the next W·B windows. Item i is `(inputs, labels)`, labels shifted by one.
     """
 
     def __init__(
         self,
         stream: EpochStream,
-        cursor: int,
+        position: LanePosition,
         seq_len: int,
         dp_rank: int = 0,
         dp_world: int = 1,
     ):
-        self.stream, self.cursor, self.seq_len = stream, cursor, seq_len
+        self.stream, self.position, self.seq_len = stream, position, seq_len
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        windows = max(0, len(stream) - cursor) // (seq_len + 1)
-        self._len = windows // dp_world
+        self._len = position.windows_left(seq_len + 1) // dp_world
 
     def __len__(self) -> int:
         return self._len
@@ -114,7 +115,7 @@ class PackedSequences(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self._len:
             raise IndexError(f"window {i} of {self._len}")
-        window = i * self.dp_world + self.dp_rank
-        start = self.cursor + window * (self.seq_len + 1)
-        tokens = torch.from_numpy(self.stream.read(start, self.seq_len + 1))
+        window = self.seq_len + 1
+        start = self.position.window_start(i * self.dp_world + self.dp_rank, window)
+        tokens = torch.from_numpy(self.stream.read(start, window))
         return tokens[:-1], tokens[1:]

@@ -2,6 +2,7 @@
 may change mid-run without losing or repeating a token, and a fixed validation set."""
 
 import itertools
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -10,22 +11,40 @@ import torch
 from torch.utils.data import DataLoader
 
 from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
+from arbor_titan.data.lanes import LanePosition
 from arbor_titan.data.prepare import PreparedData
+
+logger = logging.getLogger("arbor_titan")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
-# What a saved loader state holds; the loader that read fixed windows saved other keys.
-_STATE_KEYS = ("epoch", "cursor", "seq_len", "batch_size", "dp_world")
+# What a saved loader state holds; older loaders (fixed windows, one cursor) saved other keys.
+_STATE_KEYS = (
+    "epoch",
+    "split_tokens",
+    "lane_length",
+    "lane_offsets",
+    "next_lane",
+    "seq_len",
+    "batch_size",
+    "dp_world",
+)
 
 
 @dataclass(frozen=True)
-class TokenSpan:
-    """Tokens `[start, stop)` of epoch `epoch`'s stream: what one batch of every data-parallel
-    rank together consumed."""
+class BatchOrigin:
+    """Where one batch of every data-parallel rank together came from: `windows` windows of
+    `window` tokens of epoch `epoch`'s stream, from `position` on."""
 
     epoch: int
-    start: int
-    stop: int
+    position: LanePosition
+    windows: int
+    window: int
+
+    def spans(self) -> list[tuple[int, int]]:
+        """`[start, stop)` of each global window in the epoch stream, in global window order."""
+        starts = (self.position.window_start(m, self.window) for m in range(self.windows))
+        return [(start, start + self.window) for start in starts]
 
 
 class TokenLoader:
@@ -33,10 +52,11 @@ class TokenLoader:
 
     An epoch's stream is the split's documents, concatenated in a per-epoch random order
     (training) or in file order (validation). Every batch of all data-parallel ranks together
-    takes the next `dp_world · batch_size · (seq_len + 1)` tokens from the global `cursor`, so
-    the cursor alone says where the run is, whatever the layout. `set_shape` changes the window
-    length and micro-batch from the next batch on, starting at the cursor. An epoch ends when a
-    batch no longer fits; its tail is dropped and the next epoch starts at cursor 0.
+    takes the next `dp_world · batch_size` windows of `seq_len + 1` tokens, drawn from far-apart
+    lanes of the stream (`LanePosition`, cut at the epoch's first batch); the position alone
+    says where the run is, whatever the layout. `set_shape` changes the window length and
+    micro-batch from the next batch on, where every lane stopped. An epoch ends when a batch no
+    longer fits its lanes; the unread rest is dropped and the next epoch starts afresh.
     """
 
     def __init__(
@@ -60,19 +80,20 @@ class TokenLoader:
             seq_len, batch_size, "use a smaller training.seq_len or training.local_batch_size"
         )
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.epoch, self.cursor = 0, 0
-        self.last_span: TokenSpan | None = None  # the latest batch's tokens, all ranks together
+        self.epoch = 0
+        self.position: LanePosition | None = None  # None until the epoch's first batch
+        self.last_origin: BatchOrigin | None = None
         self._stream = self._epoch_stream(0)
         self._batches: Iterator | None = None
 
     @property
-    def tokens_per_batch(self) -> int:
-        """Global tokens one batch of every rank consumes (each window's last is a label only)."""
-        return self.dp_world * self.batch_size * (self.seq_len + 1)
+    def windows_per_batch(self) -> int:
+        """Windows one batch of every rank consumes."""
+        return self.dp_world * self.batch_size
 
     def set_shape(self, seq_len: int, batch_size: int) -> None:
         """Cut windows of `seq_len + 1` tokens into batches of `batch_size` from the next batch
-        on, starting where the previous batch ended."""
+        on, starting where the previous batch stopped in every lane."""
         self._check_fits(seq_len, batch_size, "use a shorter seq_len or a smaller batch")
         if (seq_len, batch_size) != (self.seq_len, self.batch_size):
             self.seq_len, self.batch_size = seq_len, batch_size
@@ -82,24 +103,54 @@ class TokenLoader:
         return self
 
     def __next__(self) -> Batch:
-        if self._batches is None:
-            self._batches = iter(self._loader(self._stream, self.cursor, self.seq_len))
-        batch = next(self._batches, None)
+        batch = next(self._current_batches(), None)
         if batch is None:  # the epoch is over: reshuffle and go on
-            self._go_to(self.epoch + 1, cursor=0)
-            self._batches = iter(self._loader(self._stream, self.cursor, self.seq_len))
-            batch = next(self._batches)
-        start, self.cursor = self.cursor, self.cursor + self.tokens_per_batch
-        self.last_span = TokenSpan(self.epoch, start, self.cursor)
+            self._log_epoch_end()
+            self._go_to(self.epoch + 1, position=None)
+            batch = next(self._current_batches())
+        window = self.seq_len + 1
+        self.last_origin = BatchOrigin(self.epoch, self.position, self.windows_per_batch, window)
+        self.position = self.position.advanced(self.windows_per_batch, window)
         inputs, labels = batch
         return inputs, labels
 
+    def _log_epoch_end(self) -> None:
+        """Say how much of the epoch was read: after a change to longer windows, lanes cut for
+        short ones can leave much of it unread."""
+        if self.dp_rank != 0:
+            return
+        total, read = self.documents.num_tokens, self.position.consumed
+        logger.info(
+            "%s data: epoch %d done, %s of %s tokens read (%.1f%% left unread: lane tails "
+            "shorter than a window of %d); epoch %d starts, reshuffled",
+            self.split,
+            self.epoch,
+            f"{read:,}",
+            f"{total:,}",
+            100 * (total - read) / total,
+            self.seq_len + 1,
+            self.epoch + 1,
+        )
+
+    def _current_batches(self) -> Iterator:
+        if self.position is None:
+            self.position = LanePosition.start(
+                self.documents.num_tokens, self.seq_len + 1, self.windows_per_batch
+            )
+        if self._batches is None:
+            self._batches = iter(self._loader(self._stream, self.position, self.seq_len))
+        return self._batches
+
     def state_dict(self) -> dict:
-        """The position (epoch, global token cursor) and the shape; `dp_world` tells whether the
-        per-rank batch size applies where it is loaded."""
+        """The position (epoch and lanes) and the shape; `dp_world` tells whether the per-rank
+        batch size applies where it is loaded. Lanes not yet cut are saved as none."""
+        position = self.position or LanePosition(0, ())
         return {
             "epoch": self.epoch,
-            "cursor": self.cursor,
+            "split_tokens": self.documents.num_tokens,
+            "lane_length": position.lane_length,
+            "lane_offsets": list(position.offsets),
+            "next_lane": position.next_lane,
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "dp_world": self.dp_world,
@@ -113,17 +164,21 @@ class TokenLoader:
         built with (the new layout's configuration) stays.
         """
         self.check_state_keys(state)
-        cursor = int(state["cursor"])
-        if cursor > self.documents.num_tokens:
+        if int(state["split_tokens"]) != self.documents.num_tokens:
             raise ValueError(
-                f"the saved data position (token {cursor:,}) is past the end of the "
-                f"{self.split} split ({self.documents.num_tokens:,} tokens): the data.* "
-                "settings or the corpus changed since the checkpoint"
+                f"the saved data position is in a {self.split} split of "
+                f"{int(state['split_tokens']):,} tokens, this one has "
+                f"{self.documents.num_tokens:,}: the data.* settings or the corpus changed "
+                "since the checkpoint"
             )
+        offsets = tuple(int(offset) for offset in state["lane_offsets"])
+        position = None
+        if offsets:
+            position = LanePosition(int(state["lane_length"]), offsets, int(state["next_lane"]))
         same_layout = int(state["dp_world"]) == self.dp_world
         batch_size = int(state["batch_size"]) if same_layout else self.batch_size
         self.set_shape(int(state["seq_len"]), batch_size)
-        self._go_to(int(state["epoch"]), cursor)
+        self._go_to(int(state["epoch"]), position)
 
     @staticmethod
     def check_state_keys(keys: Iterable[str]) -> None:
@@ -135,9 +190,9 @@ class TokenLoader:
         missing = [key for key in _STATE_KEYS if key not in saved]
         if missing:
             raise ValueError(
-                f"the data loader state lacks {', '.join(missing)}: it was saved by an "
-                "arbor_titan whose loader read fixed windows, and its data position can't be "
-                "resumed; start a new run from its weights with checkpoint.initial_load_path"
+                f"the data loader state lacks {', '.join(missing)}: it was saved by an older "
+                "arbor_titan loader, and its data position can't be resumed; start a new run "
+                "from its weights with checkpoint.initial_load_path"
             )
 
     def val_batches(self, max_batches: int, seq_len: int | None = None) -> Iterator[Batch]:
@@ -147,13 +202,14 @@ class TokenLoader:
             raise ValueError(f"val_batches() needs a 'val' loader, this one reads {self.split!r}")
         seq_len = self.seq_len if seq_len is None else seq_len
         self._check_fits(seq_len, self.batch_size, "validate at a shorter seq_len")
-        batches = self._loader(self._stream, 0, seq_len)
+        whole_file = LanePosition(self.documents.num_tokens, (0,))
+        batches = self._loader(self._stream, whole_file, seq_len)
         return (tuple(batch) for batch in itertools.islice(batches, max_batches))
 
-    def _go_to(self, epoch: int, cursor: int) -> None:
+    def _go_to(self, epoch: int, position: LanePosition | None) -> None:
         if epoch != self.epoch:
             self._stream = self._epoch_stream(epoch)
-        self.epoch, self.cursor = epoch, cursor
+        self.epoch, self.position = epoch, position
         self._batches = None
 
     def _epoch_stream(self, epoch: int) -> EpochStream:
@@ -164,10 +220,10 @@ class TokenLoader:
             order = np.arange(count)
         return EpochStream(self.documents, order)
 
-    def _loader(self, stream: EpochStream, cursor: int, seq_len: int) -> DataLoader:
-        """Batches of this rank's windows from `cursor`. A shape change or a resume builds a new
-        one: its worker processes can't change what they read."""
-        windows = PackedSequences(stream, cursor, seq_len, self.dp_rank, self.dp_world)
+    def _loader(self, stream: EpochStream, position: LanePosition, seq_len: int) -> DataLoader:
+        """Batches of this rank's windows from `position`. A shape change or a resume builds a
+        new one: its worker processes can't change what they read."""
+        windows = PackedSequences(stream, position, seq_len, self.dp_rank, self.dp_world)
         return DataLoader(
             windows, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers
         )

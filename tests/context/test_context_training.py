@@ -53,7 +53,9 @@ def context_events(dump_folder: Path, job: str) -> dict[int, tuple]:
 def saved_progress(folder: Path) -> tuple[dict, dict]:
     """The data loader's and the train state's entries of a checkpoint."""
     state = {
-        "dataloader_dp_rank_0": dict.fromkeys(("epoch", "cursor", "seq_len", "batch_size"), 0),
+        "dataloader_dp_rank_0": dict.fromkeys(
+            ("epoch", "lane_offsets", "seq_len", "batch_size"), 0
+        ),
         "train_state": {"step": 0, "tokens_seen": 0},
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
@@ -81,12 +83,12 @@ def test_warmup_then_stages_pass_every_boundary_without_losing_a_token(dump_fold
     tensorboard.Reload()
     seq_lens = tensorboard.Scalars("events/context/seq_len")
     assert [(e.step, e.value) for e in seq_lens] == [(s, v[0]) for s, v in SHAPES.items()]
-    # The loader's global cursor moved by exactly each step's windows (seq_len + 1 tokens, the
-    # last one a label only), from 0: no token skipped or read twice across the changes.
+    # The loader's lanes moved by exactly each step's windows (seq_len + 1 tokens, the last one
+    # a label only), from 0: no token skipped or read twice across the changes.
     loader, train_state = saved_progress(job / "checkpoints" / "step-5")
     shapes = [shape_of_step(step) for step in range(1, 6)]
     assert loader["epoch"] == 0
-    assert loader["cursor"] == sum(batch * (seq_len + 1) for seq_len, batch, _ in shapes)
+    assert sum(loader["lane_offsets"]) == sum(batch * (seq_len + 1) for seq_len, batch, _ in shapes)
     assert train_state["tokens_seen"] == sum(batch * seq_len for seq_len, batch, _ in shapes)
     assert (loader["seq_len"], loader["batch_size"]) == (128, 2)
     saved_args = json.loads((job / "checkpoints/step-5/model_args.json").read_text())

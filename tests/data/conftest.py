@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from arbor_titan.data import DataConfig, PreparedData, TokenizerConfig, prepare_data
+from arbor_titan.data import (
+    DataConfig,
+    LanePosition,
+    PreparedData,
+    TokenizerConfig,
+    prepare_data,
+)
 from arbor_titan.data.token_cache import TokenCache
 
 
@@ -99,3 +105,14 @@ def step_tokens(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
     row b of rank r is the step's window b·W + r, and a window is its inputs plus last label."""
     windows = [torch.cat([inputs, labels[:, -1:]], dim=1) for inputs, labels in batches]
     return torch.stack(windows, dim=1).flatten().numpy()
+
+
+def assert_lanes_tiled(windows: list[tuple[int, int]], position: LanePosition) -> None:
+    """The windows read cover exactly each lane's read prefix, no token twice."""
+    read = [token for start, stop in windows for token in range(start, stop)]
+    assert len(read) == len(set(read)), "a token was read twice"
+    lanes = enumerate(position.offsets)
+    prefixes = {
+        t for k, n in lanes for t in range(k * position.lane_length, k * position.lane_length + n)
+    }
+    assert set(read) == prefixes

@@ -1,14 +1,16 @@
 import dataclasses
+import logging
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from arbor_titan.data import PreparedData, TokenSpan, build_dataloader
-from tests.data.conftest import step_tokens
+from arbor_titan.data import PreparedData, build_dataloader
+from arbor_titan.data.lanes import MIN_LANE_WINDOWS
+from tests.data.conftest import assert_lanes_tiled, step_tokens
 
-SEQ, BATCH = 15, 4  # 800 tokens = 50 windows = 12 batches per epoch
+SEQ, BATCH = 15, 4  # 800 tokens = 3 lanes of 16 windows = 12 batches per epoch
 
 
 def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,19 +61,42 @@ def test_resume_with_a_worker_process(synthetic_data):
     assert_same(take(resumed, 7), reference[11:])
 
 
-def test_each_epoch_reads_its_own_permutation_of_the_documents(synthetic_data, epoch_tokens):
+def windows_of(stream: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    return np.concatenate([stream[start:stop] for start, stop in spans])
+
+
+def test_each_epoch_reads_its_own_permutation_from_far_apart_lanes(
+    synthetic_data, epoch_tokens, caplog
+):
+    caplog.set_level(logging.INFO, logger="arbor_titan")
     data = synthetic_data(800)
     loader = build_dataloader(data, "train", SEQ, BATCH, 0, 1, seed=7)
-    per_epoch = 12 * BATCH * (SEQ + 1)
     epochs = []
     for epoch in range(2):
-        read = np.concatenate([step_tokens([batch]) for batch in take(loader, 12)])
-        assert loader.epoch == epoch and loader.cursor == per_epoch
-        assert read.tolist() == epoch_tokens(data, "train", 7 + epoch)[:per_epoch].tolist()
-        epochs.append(read)
+        stream, spans = epoch_tokens(data, "train", 7 + epoch), []
+        for _ in range(12):
+            read = step_tokens([next(loader)])
+            origin = loader.last_origin
+            assert origin.epoch == epoch and len(origin.position.offsets) == 3
+            assert read.tolist() == windows_of(stream, origin.spans()).tolist()
+            # A step's windows come from different lanes, round-robin, not from one place.
+            lanes = [start // origin.position.lane_length for start, _ in origin.spans()]
+            assert len(set(lanes[:3])) == 3 and lanes[3] == lanes[0]
+            spans += origin.spans()
+        assert_lanes_tiled(spans, loader.position)  # 3 lanes of 266: 16 windows of 16 each
+        assert loader.position.consumed == 12 * BATCH * (SEQ + 1)
+        epochs.append(windows_of(stream, spans))
     assert epochs[0].tolist() != epochs[1].tolist()
     next(loader)
-    assert loader.last_span == TokenSpan(epoch=2, start=0, stop=BATCH * (SEQ + 1))
+    assert loader.last_origin.epoch == 2 and loader.last_origin.position.consumed == 0
+    assert "train data: epoch 1 done, 768 of 800 tokens read (4.0% left unread" in caplog.text
+
+
+def test_as_many_lanes_as_keep_each_16_windows_long(synthetic_data):
+    loader = build_dataloader(synthetic_data(200_000), "train", SEQ, BATCH, 0, 1, seed=0)
+    next(loader)
+    position = loader.last_origin.position
+    assert len(position.offsets) == 200_000 // (MIN_LANE_WINDOWS * (SEQ + 1)) == 781
 
 
 # (steps, seq_len, global batch): the length grows, shrinks, and the global batch changes.
@@ -79,42 +104,45 @@ SHAPES = [(3, 63, 12), (2, 127, 6), (4, 95, 6), (3, 95, 12)]
 
 
 @pytest.mark.parametrize("dp_world", [1, 2, 3])
-def test_shape_changes_read_the_epoch_stream_once_in_order(synthetic_data, epoch_tokens, dp_world):
+def test_shape_changes_read_each_lane_once_in_order(synthetic_data, epoch_tokens, dp_world):
     data = synthetic_data(20_000)
+    stream = epoch_tokens(data, "train", 3)
     loaders = rank_loaders(data, 31, 12 // dp_world, dp_world, seed=3)
-    read, spans = [], []
+    spans = []
     for steps, seq_len, global_batch in SHAPES:
         for loader in loaders:
             loader.set_shape(seq_len, global_batch // dp_world)
         for _ in range(steps):
             batches = [next(loader) for loader in loaders]
             assert {b[0].shape for b in batches} == {(global_batch // dp_world, seq_len)}
-            read.append(step_tokens(batches))
-            spans.append(loaders[0].last_span)
-    assert {loader.cursor for loader in loaders} == {spans[-1].stop}
-    # The spans tile [0, cursor) with no gap or overlap, and hold exactly the tokens read.
-    assert [s.start for s in spans] == [0] + [s.stop for s in spans[:-1]]
-    assert [s.stop - s.start for s in spans] == [len(tokens) for tokens in read]
-    expected = epoch_tokens(data, "train", 3)[: spans[-1].stop]
-    assert np.concatenate(read).tolist() == expected.tolist()
+            assert {loader.last_origin for loader in loaders} == {loaders[0].last_origin}
+            origin = loaders[0].last_origin
+            assert step_tokens(batches).tolist() == windows_of(stream, origin.spans()).tolist()
+            spans += origin.spans()
+    assert {loader.position for loader in loaders} == {loaders[0].position}
+    assert loaders[0].last_origin.epoch == 0
+    # The lanes were cut at the first batch's shape, not the one built with: 20,000 // (64 x 16).
+    assert len(loaders[0].position.offsets) == 19
+    assert_lanes_tiled(spans, loaders[0].position)
 
 
 def run_schedule(loaders, schedule, first_step: int, last_step: int) -> list:
     """Steps `first_step..last_step - 1` of all ranks, the shape set each step as a trainer's
-    schedule would: per step, the global span, the tokens read and every rank's batch."""
+    schedule would: per step, where it was read from, the tokens read and every rank's batch."""
     taken = []
     for step in range(first_step, last_step):
         seq_len, global_batch = schedule(step)
         for loader in loaders:
             loader.set_shape(seq_len, global_batch // len(loaders))
         batches = [next(loader) for loader in loaders]
-        taken.append((loaders[0].last_span, step_tokens(batches).tolist(), batches))
+        taken.append((loaders[0].last_origin, step_tokens(batches).tolist(), batches))
     return taken
 
 
 def schedule(step: int) -> tuple[int, int]:
-    """Global batch 4 of 15 tokens for 3 steps, then of 23: an epoch of 800 tokens ends after
-    step 8 (3 x 64 + 6 x 96 tokens), the next starts at step 9."""
+    """Global batch 4 of 15 tokens for 3 steps, then of 23: the epoch's 3 lanes of 266 tokens
+    hold 4 windows of 16 each, then 8 of 24 each, so it ends after step 8; step 9 starts the
+    next."""
     return (15, 4) if step < 3 else (23, 4)
 
 
@@ -124,7 +152,8 @@ def test_resume_across_shape_change_epoch_and_layout(synthetic_data, old_world, 
     data = synthetic_data(800)
     old = rank_loaders(data, 15, 4 // old_world, old_world, seed=4)
     reference = run_schedule(old, schedule, 0, 16)
-    assert reference[9][0] == TokenSpan(epoch=1, start=0, stop=96)
+    assert (reference[8][0].epoch, reference[9][0].epoch) == (0, 1)
+    assert reference[9][0].position.consumed == 0
 
     first = rank_loaders(data, 15, 4 // old_world, old_world, seed=4)
     run_schedule(first, schedule, 0, k)
@@ -134,16 +163,16 @@ def test_resume_across_shape_change_epoch_and_layout(synthetic_data, old_world, 
     resumed = rank_loaders(data, 15, 4 // new_world, new_world, seed=4)
     for loader in resumed:
         loader.load_state_dict(state)
-        assert (loader.epoch, loader.cursor, loader.seq_len) == (
-            state["epoch"],
-            state["cursor"],
+        assert (loader.epoch, loader.position, loader.seq_len) == (
+            first[0].epoch,
+            first[0].position,
             state["seq_len"],
         )
     after = run_schedule(resumed, schedule, k, k + 6)
-    for (span, tokens, batches), (ref_span, ref_tokens, ref_batches) in zip(
+    for (origin, tokens, batches), (ref_origin, ref_tokens, ref_batches) in zip(
         after, reference[k : k + 6], strict=True
     ):
-        assert span == ref_span and tokens == ref_tokens
+        assert origin == ref_origin and tokens == ref_tokens
         if new_world == old_world:
             for batch, ref_batch in zip(batches, ref_batches):
                 assert_same([batch], [ref_batch])
@@ -154,31 +183,37 @@ def test_load_restores_the_shape_on_the_same_layout_and_keeps_the_batch_on_anoth
     saved = build_dataloader(data, "train", SEQ, 2, 0, 2, seed=0)
     saved.set_shape(23, 1)
     next(saved)
-    state = saved.state_dict()
+    state, position = saved.state_dict(), saved.position
     same = build_dataloader(data, "train", SEQ, 2, 0, 2, seed=0)
     same.load_state_dict(state)
-    assert (same.seq_len, same.batch_size, same.cursor) == (23, 1, 48)
+    assert (same.seq_len, same.batch_size, same.position) == (23, 1, position)
     assert_same(take(same, 3), take(saved, 3))  # no set_shape needed on the same layout
     other = build_dataloader(data, "train", SEQ, 3, 0, 1, seed=0)
     other.load_state_dict(state)
-    assert (other.seq_len, other.batch_size, other.cursor) == (23, 3, 48)
+    assert (other.seq_len, other.batch_size, other.position) == (23, 3, position)
 
 
-def test_the_old_loader_state_is_refused_with_what_to_do(synthetic_data):
+@pytest.mark.parametrize(
+    "old",
+    [
+        {"epoch": 0, "loader": {}, "start": 0, "global_consumed": 8, "dp_world": 1,
+         "batch_size": 4},  # fixed windows
+        {"epoch": 0, "cursor": 64, "seq_len": 15, "dp_world": 1, "batch_size": 4},  # one cursor
+    ],
+)  # fmt: skip
+def test_an_older_loader_state_is_refused_with_what_to_do(synthetic_data, old):
     loader = build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 0, 1, seed=0)
-    old = {"epoch": 0, "loader": {}, "start": 0, "global_consumed": 8, "dp_world": 1,
-           "batch_size": 4}  # fmt: skip
-    with pytest.raises(ValueError, match="lacks cursor, seq_len.*checkpoint.initial_load_path"):
+    with pytest.raises(ValueError, match="lacks split_tokens, lane_length.*initial_load_path"):
         loader.load_state_dict(old)
 
 
-def test_a_position_past_the_data_is_refused(synthetic_data):
+def test_a_position_in_other_data_is_refused(synthetic_data):
     saved = build_dataloader(synthetic_data(2000), "train", SEQ, BATCH, 0, 1, seed=0)
     take(saved, 20)
     state = saved.state_dict()
     del saved  # the files are rewritten next, smaller
     smaller = build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 0, 1, seed=0)
-    with pytest.raises(ValueError, match=r"token 1,280\) is past the end of the train split"):
+    with pytest.raises(ValueError, match=r"train split of 2,000 tokens, this one has 800"):
         smaller.load_state_dict(state)
 
 
@@ -242,10 +277,12 @@ def test_a_cache_whose_documents_disagree_with_its_sidecar_is_refused(synthetic_
 
 def test_loader_over_real_tokens(stdlib_data, epoch_tokens):
     loader = build_dataloader(stdlib_data, "train", 64, 2, 0, 1, seed=0)
-    batches = take(loader, 3)
-    assert max(int(inputs.max()) for inputs, _ in batches) < stdlib_data.tokenizer.vocab_size
-    read = np.concatenate([step_tokens([batch]) for batch in batches])
-    assert read.tolist() == epoch_tokens(stdlib_data, "train", 0)[: 3 * 2 * 65].tolist()
+    stream = epoch_tokens(stdlib_data, "train", 0)
+    for _ in range(3):
+        inputs, labels = next(loader)
+        assert int(inputs.max()) < stdlib_data.tokenizer.vocab_size
+        expected = windows_of(stream, loader.last_origin.spans())
+        assert step_tokens([(inputs, labels)]).tolist() == expected.tolist()
     tokens = np.asarray(stdlib_data.cache.tokens("train"))
     bos, eos = stdlib_data.tokenizer.bos_id, stdlib_data.tokenizer.eos_id
     assert (tokens == bos).sum() == (tokens == eos).sum() == stdlib_data.cache.num_docs["train"]

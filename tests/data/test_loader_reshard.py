@@ -32,4 +32,4 @@ def test_global_position_carries_over(synthetic_data, old_world, new_world):
     for loader in new:
         loader.load_state_dict(state)  # every rank reads rank 0's saved position
     assert step_tokens([next(loader) for loader in new]).tolist() == expected.tolist()
-    assert new[0].last_span == old[0].last_span
+    assert new[0].last_origin == old[0].last_origin

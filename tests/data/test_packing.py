@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from arbor_titan.data import Documents, EpochStream, PackedSequences
+from arbor_titan.data import Documents, EpochStream, LanePosition, PackedSequences
 from tests.data.conftest import documents_in_order, synthetic_stream
 
 BOS, EOS = 1, 2
@@ -50,27 +50,31 @@ def test_reads_equal_the_documents_concatenated_in_order():
         epoch.read(1990, 11)
 
 
-def test_windows_are_consecutive_and_labels_are_inputs_shifted():
+def test_windows_follow_the_lanes_and_labels_are_inputs_shifted():
     tokens, documents = stream(1005)
     epoch = EpochStream(documents, np.arange(len(documents)))
-    windows = PackedSequences(epoch, cursor=3, seq_len=9)
-    assert len(windows) == 100  # (1005 - 3) // 10; the last 2 tokens are dropped
-    for i in range(len(windows)):
+    # Two lanes of 502 tokens, 3 read in lane 0 and 53 in lane 1; lane 1 goes first.
+    position = LanePosition(502, (3, 53), next_lane=1)
+    windows = PackedSequences(epoch, position, seq_len=9)
+    assert len(windows) == 88  # lane 1 holds 44 more windows (lane 0 49): 44 rounds of 2
+    starts = [502 + 53, 3, 502 + 63, 13, 502 + 73]
+    for i, start in enumerate(starts):
         inputs, labels = windows[i]
         assert inputs.dtype == labels.dtype == torch.int64
-        assert inputs.tolist() == tokens[3 + 10 * i : 12 + 10 * i].tolist()
-        assert labels.tolist() == tokens[4 + 10 * i : 13 + 10 * i].tolist()
+        assert inputs.tolist() == tokens[start : start + 9].tolist()
+        assert labels.tolist() == tokens[start + 1 : start + 10].tolist()
     with pytest.raises(IndexError):
-        windows[100]
+        windows[88]
 
 
 @pytest.mark.parametrize("dp_world", [2, 3])
 def test_ranks_interleave_the_windows_in_equal_shares(dp_world):
-    _, documents = stream(1000)  # 100 windows: 3 ranks get 33, the last one is dropped
+    _, documents = stream(1000)  # 100 windows in 1 lane: 3 ranks get 33, the last one is dropped
     epoch = EpochStream(documents, np.random.default_rng(0).permutation(len(documents)))
-    shards = [PackedSequences(epoch, 0, 9, rank, dp_world) for rank in range(dp_world)]
+    one_lane = LanePosition(1000, (0,))
+    shards = [PackedSequences(epoch, one_lane, 9, rank, dp_world) for rank in range(dp_world)]
     assert {len(shard) for shard in shards} == {100 // dp_world}
-    # Item i of every rank, rank by rank, are the consecutive windows i·W .. i·W + W - 1.
+    # Item i of every rank, rank by rank, are the global windows i·W .. i·W + W - 1.
     interleaved = [shard[i][0][0] for i in range(100 // dp_world) for shard in shards]
     expected = [epoch.read(10 * w, 1)[0] for w in range(dp_world * (100 // dp_world))]
     assert torch.stack(interleaved).tolist() == expected
@@ -80,7 +84,8 @@ def test_memmap_pickles_by_name(tmp_path):
     path = tmp_path / "tokens.bin"
     synthetic_stream(50_000, BOS, EOS, seed=0)[0].tofile(path)
     documents = Documents(np.memmap(path, dtype=np.uint32, mode="r"), BOS)
-    windows = PackedSequences(EpochStream(documents, np.arange(len(documents))), 0, seq_len=499)
+    whole = LanePosition(documents.num_tokens, (0,))
+    windows = PackedSequences(EpochStream(documents, np.arange(len(documents))), whole, 499)
     payload = pickle.dumps(windows)
     # The 200 KB of tokens were not copied; the per-document offsets (~1,600 documents) were.
     assert len(payload) < 50_000
