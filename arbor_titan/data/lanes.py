@@ -7,9 +7,15 @@ into K equal lanes, fixed for the epoch; global window m (counted from this posi
 from lane `(next_lane + m) mod K`, at that lane's next unread token. Each lane is consumed as a
 prefix, so the position is K offsets and a lane pointer, the same on every layout and for every
 window length.
+
+Lane k is not the k-th stretch of the stream but stretch `k · stride mod K`, the stride near
+K / golden ratio and prime to K: consecutive lanes then lie far apart (a long document spans
+neighbouring stretches), and any run of consecutive lanes spreads evenly over the stream.
 """
 
+import math
 from dataclasses import dataclass
+from functools import cache
 
 # Lanes per epoch, at most: bounds the position's size (a checkpoint holds one offset a lane).
 MAX_LANES = 4096
@@ -36,6 +42,10 @@ class LanePosition:
         lanes = max(1, min(MAX_LANES, stream_tokens // per_lane))
         return cls(stream_tokens // lanes, (0,) * lanes)
 
+    def lane_start(self, lane: int) -> int:
+        """Where lane `lane` starts in the stream."""
+        return _stretch(lane, len(self.offsets)) * self.lane_length
+
     @property
     def consumed(self) -> int:
         """Tokens read in this epoch, over all lanes."""
@@ -45,7 +55,7 @@ class LanePosition:
         """Where in the stream window m (from this position on) starts."""
         lanes = len(self.offsets)
         lane = (self.next_lane + m) % lanes
-        return lane * self.lane_length + self.offsets[lane] + (m // lanes) * window
+        return self.lane_start(lane) + self.offsets[lane] + (m // lanes) * window
 
     def windows_left(self, window: int) -> int:
         """How many windows, from this position on, fit before one would overrun its lane."""
@@ -64,3 +74,15 @@ class LanePosition:
             served = windows // lanes + (1 if step < windows % lanes else 0)
             offsets[(self.next_lane + step) % lanes] += served * window
         return LanePosition(self.lane_length, tuple(offsets), (self.next_lane + windows) % lanes)
+
+
+def _stretch(lane: int, lanes: int) -> int:
+    return lane * _stride(lanes) % lanes
+
+
+@cache
+def _stride(lanes: int) -> int:
+    stride = max(1, round(lanes / (1 + math.sqrt(5)) * 2))
+    while math.gcd(stride, lanes) != 1:
+        stride += 1
+    return stride

@@ -111,8 +111,6 @@ def assert_lanes_tiled(windows: list[tuple[int, int]], position: LanePosition) -
     """The windows read cover exactly each lane's read prefix, no token twice."""
     read = [token for start, stop in windows for token in range(start, stop)]
     assert len(read) == len(set(read)), "a token was read twice"
-    lanes = enumerate(position.offsets)
-    prefixes = {
-        t for k, n in lanes for t in range(k * position.lane_length, k * position.lane_length + n)
-    }
+    starts = [position.lane_start(lane) for lane in range(len(position.offsets))]
+    prefixes = {t for start, n in zip(starts, position.offsets) for t in range(start, start + n)}
     assert set(read) == prefixes

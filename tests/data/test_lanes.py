@@ -9,7 +9,8 @@ def first_overrun(position: LanePosition, window: int) -> int:
     m = 0
     while True:
         lane = (position.next_lane + m) % len(position.offsets)
-        if position.window_start(m, window) + window > (lane + 1) * position.lane_length:
+        lane_stop = position.lane_start(lane) + position.lane_length
+        if position.window_start(m, window) + window > lane_stop:
             return m
         m += 1
 
@@ -40,7 +41,23 @@ def test_advancing_continues_the_same_windows():
 
 def test_consecutive_windows_come_from_consecutive_lanes():
     position = LanePosition(100, (0, 10, 20), next_lane=2)
-    assert [position.window_start(m, 5) for m in range(5)] == [220, 0, 110, 225, 5]
+    # Lanes 0, 1, 2 are the stream's stretches 0, 2, 1 (stride 2).
+    assert [position.window_start(m, 5) for m in range(5)] == [120, 0, 210, 125, 5]
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 10, 97, 2425, MAX_LANES])
+def test_lanes_are_a_permutation_of_the_stretches_with_neighbours_far_apart(lanes):
+    position = LanePosition(1, (0,) * lanes)
+    stretches = [position.lane_start(lane) for lane in range(lanes)]
+    assert sorted(stretches) == list(range(lanes))
+    if lanes >= 10:
+        gaps = [abs(a - b) for a, b in zip(stretches, stretches[1:])]
+        assert min(gaps) >= lanes // 4
+        # Any 8 consecutive lanes (a step's windows) spread over the stream: no two within a
+        # twentieth of it (8 random stretches would be, more often than not).
+        for first in range(lanes - 8):
+            run = sorted(stretches[first : first + 8])
+            assert min(b - a for a, b in zip(run, run[1:])) >= lanes // 20
 
 
 @pytest.mark.parametrize(
