@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="arbor_launch_") as folder:
         error_file = Path(folder) / "error"
         os.environ[ERROR_FILE_ENV] = str(error_file)  # the ranks inherit it
+        # A restart (--max-restarts) must not meet the last attempt's process-group keys: with
+        # the agent's shared store (torch's default) the new ranks can read a dead rank's gloo
+        # address and fail to connect. Opting out gives each rendezvous round a store of its own.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         try:
             run(parse_args(sys.argv[1:] if argv is None else argv))
         except ChildFailedError:

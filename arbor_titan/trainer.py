@@ -6,13 +6,11 @@ Everything optional (validation, checkpoints, growth, context schedules) arrives
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor.parallel import loss_parallel
 
 from arbor_titan.callbacks import Callback
@@ -20,6 +18,8 @@ from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import to_toml
 from arbor_titan.data import build_dataloader, prepare_data
 from arbor_titan.distributed.build import build_model
+from arbor_titan.distributed.context_parallel import ContextParallel
+from arbor_titan.distributed.device import apply_tf32, host_to_device
 from arbor_titan.distributed.init import ProcessInfo, barrier, init_distributed
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import DTYPES
@@ -29,10 +29,13 @@ from arbor_titan.distributed.reductions import (
     mean_over_data_parallel,
     replicated_value,
 )
-from arbor_titan.metrics import MetricLogger, flops_per_token, memory_gib, mfu, peak_flops
+from arbor_titan.health import NonFiniteGuard
+from arbor_titan.metrics import MetricLogger, flops_per_token, mfu, peak_flops
+from arbor_titan.metrics.memory import MemoryWatch, device_capacity_gib
+from arbor_titan.metrics.window import ThroughputWindow
 from arbor_titan.models.arbor import ArborArgs, resolve_args
+from arbor_titan.models.arbor.loss import cross_entropy_loss
 from arbor_titan.models.arbor.masking import model_inputs
-from arbor_titan.models.arbor.model import rope_table
 from arbor_titan.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger("arbor_titan")
@@ -52,18 +55,19 @@ class TrainState:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
 
-def cross_entropy_loss(logits_bsv: torch.Tensor, labels_bs: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in float32 whatever the compute dtype."""
-    return F.cross_entropy(logits_bsv.flatten(0, 1).float(), labels_bs.flatten(0, 1))
-
-
 class Trainer:
     """Owns one run: its process group, data, model (parts), optimizer, metrics and hooks."""
 
     def __init__(self, cfg: JobConfig, callbacks: list[Callback] | None = None):
         self.cfg = cfg
         self.proc: ProcessInfo = init_distributed()
+        logger.info("TF32: %s", apply_tf32(cfg.training.enable_tf32, self.proc.device))
         self.dims = ParallelDims.from_config(cfg.parallelism, self.proc.world_size)
+        self.context_parallel = ContextParallel.from_dims(self.dims)
+        if self.context_parallel is not None:
+            self.context_parallel.check_seq_len(cfg.training.seq_len)
+            if cfg.validation.enable and cfg.validation.seq_len:
+                self.context_parallel.check_seq_len(cfg.validation.seq_len, "validation.seq_len")
         schedule = cfg.parallelism.pipeline_parallel_schedule
         if self.dims.pp > 1 and schedule in V_SCHEDULES and cfg.validation.enable:
             # torch.distributed.pipelining's eval() fails for V-shaped schedules (torch 2.13).
@@ -136,7 +140,7 @@ class Trainer:
         self.num_params, self.num_embedding_params = built.num_params, built.num_embedding_params
         logger.info(
             "model %s/%s%s: %s parameters (%d layers, dim %d, %d heads, %d kv heads, vocab %d); "
-            "layout dp_replicate %d × dp_shard %d × tp %d × pp %d",
+            "layout dp_replicate %d × dp_shard %d × cp %d × tp %d × pp %d",
             cfg.model.name,
             cfg.model.flavor,
             "" if self._same_shape(args, flavor_args) else " grown",
@@ -148,6 +152,7 @@ class Trainer:
             args.vocab_size,
             dims.dp_replicate,
             dims.dp_shard,
+            dims.cp,
             dims.tp,
             dims.pp,
         )
@@ -185,6 +190,9 @@ class Trainer:
         cfg = self.cfg
         self.metrics = MetricLogger(cfg.metrics, self.run_dir, enabled=self.proc.is_main)
         self.metrics.log_text("config", to_toml(cfg))
+        self.nonfinite_guard = NonFiniteGuard(cfg.training.nonfinite_skip_limit, self.metrics)
+        capacity = cfg.training.memory_budget_gib or device_capacity_gib(self.proc.device)
+        self.memory_watch = MemoryWatch(self.proc.device, capacity, self.metrics)
         self.flops_per_token = self._flops_per_token()
         self.peak = peak_flops(self.proc.device, self.compute_dtype)
         logger.info(
@@ -211,8 +219,8 @@ class Trainer:
     def set_context(self, seq_len: int, local_batch_size: int, rope: dict | None) -> None:
         """Run the next steps at this shape: the loader re-packs from its position, tokens per
         step and FLOPs per token (the attention term) follow the length, and a new RoPE scaling
-        recomputes the table of every local model part. Pipeline stages rebuild for the new
-        batch shape by themselves (`Pipeline.step`)."""
+        reaches every local model part (each computes RoPE from its args). Pipeline stages
+        rebuild for the new batch shape by themselves (`Pipeline.step`)."""
         self.train_loader.set_shape(seq_len, local_batch_size)
         self.seq_len, self.local_batch_size = seq_len, local_batch_size
         self.flops_per_token = self._flops_per_token()
@@ -220,10 +228,8 @@ class Trainer:
             self.model_args = replace(self.model_args, rope_scaling=rope)
             parts = [self.model] + (self.pipeline.parts if self.pipeline is not None else [])
             for part in parts:
-                # A pipeline stage is a shallow copy of the model: it shares the buffer dict,
-                # but holds its own reference to the args.
+                # A pipeline stage is a shallow copy of the model with its own args reference.
                 part.args = self.model_args
-                part.rope_cache = rope_table(self.model_args).to(part.rope_cache.device)
 
     # -- the step
 
@@ -236,24 +242,44 @@ class Trainer:
             stack.enter_context(loss_parallel())
         return stack
 
+    def model_batch(
+        self, inputs_bs: torch.Tensor, labels_bs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Tokens, labels and extra model inputs (document ids, positions) as this rank feeds
+        them to the model: its context-parallel share of each sequence under cp."""
+        extra = model_inputs(inputs_bs, self.cfg.data, self.tokenizer.bos_id)
+        if self.context_parallel is None:
+            return inputs_bs, labels_bs, extra
+        return self.context_parallel.shard_batch(inputs_bs, labels_bs, extra)
+
+    def model_loss(
+        self, inputs_bs: torch.Tensor, labels_bs: torch.Tensor, extra: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The mean loss of a batch on a model without pipeline stages: in the model's forward,
+        chunk by chunk, under `training.loss_chunk_len` (see models/arbor/loss.py)."""
+        if self.cfg.training.loss_chunk_len:
+            return self.model(inputs_bs, labels_bs=labels_bs, **extra)
+        return self.loss_fn(self.model(inputs_bs, **extra), labels_bs)
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches: (loss, grad norm)
         as tensors local to this rank."""
         accum = self.cfg.training.gradient_accumulation_steps
         total_loss = torch.zeros((), device=self.proc.device)
         for _ in range(accum):
-            inputs, labels = (t.to(self.proc.device) for t in next(self.train_iter))
+            inputs, labels = (host_to_device(t, self.proc.device) for t in next(self.train_iter))
+            inputs, labels, extra = self.model_batch(inputs, labels)
             with self.forward_context():
                 if self.pipeline is not None:
                     loss = self.pipeline.step(inputs, labels)
                 else:
-                    extra = model_inputs(inputs, self.cfg.data, self.tokenizer.bos_id)
-                    loss = self.loss_fn(self.model(inputs, **extra), labels) / accum
+                    loss = self.model_loss(inputs, labels, extra) / accum
                     loss.backward()
             total_loss += replicated_value(loss.detach())
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None
         grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.training.max_norm, pp_group)
-        self.optimizer.step()
+        if self.nonfinite_guard.allows_update(self.state.step + 1, total_loss, grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
         return total_loss, grad_norm
@@ -270,19 +296,18 @@ class Trainer:
         self.model.eval()
         losses = []
         for inputs, labels in batches:
-            inputs, labels = inputs.to(self.proc.device), labels.to(self.proc.device)
+            inputs, labels = (host_to_device(t, self.proc.device) for t in (inputs, labels))
+            inputs, labels, extra = self.model_batch(inputs, labels)
             with self.forward_context():
                 if self.pipeline is not None:
                     losses.append(self.pipeline.step(inputs, labels, train=False))
                 else:
-                    extra = model_inputs(inputs, self.cfg.data, self.tokenizer.bos_id)
-                    logits = self.model(inputs, **extra)
-                    losses.append(replicated_value(self.loss_fn(logits, labels)))
+                    losses.append(replicated_value(self.model_loss(inputs, labels, extra)))
         self.model.train()
         return self.reduce_loss(torch.stack(losses).mean())
 
     def reduce_loss(self, loss: torch.Tensor) -> float:
-        return mean_over_data_parallel(loss, self.dims.dp, self.dims.tp).item()
+        return mean_over_data_parallel(loss, self.dims).item()
 
     def train(self) -> None:
         cfg = self.cfg.training
@@ -292,47 +317,61 @@ class Trainer:
             callback.on_train_start(self)
         # The step's shape (tokens per step) is logged by the context schedule's first event.
         logger.info("training to step %d, from step %d", cfg.steps, self.state.step)
-        # Throughput counts only the time inside train_step, so validation and checkpoint
-        # callbacks don't dilute tokens/s; a window's tokens add up steps of any length.
-        window_seconds, window_tokens, window_flops = 0.0, 0, 0
+        window = ThroughputWindow(self.proc.device)
         try:
             while self.state.step < cfg.steps and not self.stop_requested:
                 for callback in self.callbacks:
                     callback.on_step_start(self)
                 tokens_per_step = self.tokens_per_step
                 lr = self.lr_scheduler.get_last_lr()[0]
-                step_start = time.perf_counter()
+                window.start()
                 loss, grad_norm = self.train_step()
                 self.last_loss = loss
-                window_seconds += time.perf_counter() - step_start
-                window_tokens += tokens_per_step
-                window_flops += tokens_per_step * self.flops_per_token
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step
-                if self._should_log():
-                    tokens_per_second = window_tokens / window_seconds
+                log_now = self._should_log()
+                window.stop(tokens_per_step, self.flops_per_token, synchronize_device=log_now)
+                if log_now:
                     self.metrics.log_step(
                         self.state.step,
                         {
                             "loss": self.reduce_loss(loss),
                             "lr": lr,
                             "grad_norm": grad_norm.item(),
-                            "tokens_per_second": tokens_per_second,
+                            "tokens_per_second": window.tokens_per_second,
                             "mfu": mfu(
-                                tokens_per_second / self.proc.world_size,
-                                window_flops / window_tokens,  # the window's mean per token
+                                window.tokens_per_second / self.proc.world_size,
+                                window.flops_per_token,
                                 self.peak,
                             ),
-                            "memory_gib": memory_gib(self.proc.device),
+                            **self.memory_watch.read(self.state.step),
+                            **self.source_tokens(),
                         },
                     )
-                    window_seconds, window_tokens, window_flops = 0.0, 0, 0
+                    window.reset()
                 for callback in self.callbacks:
                     callback.on_step_end(self)
         finally:
             for callback in self.callbacks:
                 callback.on_train_end(self)
             self.metrics.close()
+
+    def source_tokens(self) -> dict[str, int]:
+        """With [[data.sources]]: the training tokens read from each source so far."""
+        if not self.data.mixture:
+            return {}
+        return {f"tokens_seen/{name}": n for name, n in self.train_loader.token_counts().items()}
+
+    def source_validation_losses(self) -> dict[str, float]:
+        """With [[data.sources]]: each source's own held-out loss, as in `validation_loss`."""
+        cfg = self.cfg.validation
+        seq_len = cfg.seq_len or self.seq_len
+        return {
+            f"val_loss/{name}": self.evaluate(
+                self.val_loader.val_batches(cfg.steps, seq_len=seq_len, source=name)
+            )
+            for name in self.data.mixture
+        }
 
     def request_stop(self) -> None:
         """End training after the current step's callbacks (e.g. on SIGTERM)."""
@@ -349,4 +388,5 @@ class Validation(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         step, cfg = trainer.state.step, trainer.cfg
         if step % cfg.validation.freq == 0 or step == cfg.training.steps:
-            trainer.metrics.log_step(step, {"val_loss": trainer.validation_loss()})
+            losses = {"val_loss": trainer.validation_loss(), **trainer.source_validation_losses()}
+            trainer.metrics.log_step(step, losses)

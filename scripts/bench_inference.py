@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """Inference benchmark, all measured in one run so ratios survive a noisy machine:
 
-- decode tokens/s of the static-KV-cache engine at batch 1 and 8, for the `bench` flavor
-  (16.8M) and a ~200M model, fp32 and bf16 (random init: speed doesn't depend on the weights);
-- the same models in `transformers` `generate` (eager, its default cache), if installed;
+- decode tokens/s of the paged-KV-cache engine at batch 1 and 8, for the `bench` flavor
+  (16.8M) and a ~200M model, fp32 and bf16 (random init: speed doesn't depend on the weights),
+  and of one request alone on an engine with 8 slots (a lone client on a `--max-batch 8`
+  server: it should decode at the batch-1 speed);
+- the same models in `transformers` `generate`, if installed: eager with its default dynamic
+  cache, and with its static cache and the forward under `torch.compile` (with `--compile`,
+  where it compiles: a failure is reported and that baseline left out);
 - the fraction of the memory-bandwidth roofline: a decode step must read every weight matrix
-  once, so it can't be faster than weight bytes / bandwidth (measured here with a large sum);
+  once, so it can't be faster than weight bytes / bandwidth (measured here with a large sum:
+  against the median over fresh allocations and against the best one);
 - server throughput: 8 concurrent requests against the same 8 one at a time.
 
     python scripts/bench_inference.py --quick     # bench model only, fewer tokens (~1 min)
@@ -62,10 +67,13 @@ class Row:
     model: str
     dtype: str
     batch: int
+    slots: int
     ours_tok_s: float
     hf_tok_s: float | None
+    hf_static_tok_s: float | None
     step_ms: float
     roofline_ms: float
+    roofline_best_ms: float
     compile_s: float | None = None
     tokens_equal: int | None = None  # leading greedy tokens equal to transformers' (sequence 0)
     tokens: int = 0
@@ -78,19 +86,23 @@ class Row:
     def hf_ratio(self) -> float | None:
         return self.ours_tok_s / self.hf_tok_s if self.hf_tok_s else None
 
+    @property
+    def hf_static_ratio(self) -> float | None:
+        return self.ours_tok_s / self.hf_static_tok_s if self.hf_static_tok_s else None
 
-def measure_bandwidth(nbytes: int, allocations: int = 5) -> float:
+
+def measure_bandwidth(nbytes: int, allocations: int = 5) -> tuple[float, float]:
     """Read bandwidth in bytes/s: sums of a tensor far larger than caches, the best of three
     per allocation and the median over fresh allocations. (On this VM the rate depends on where
     an allocation lands: most read at 30-34 GB/s, some at 43-49; the median is the typical
-    memory the model's weights also sit in.)"""
+    memory the model's weights also sit in; the best is returned too.)"""
     rates = []
     for _ in range(allocations):
         x = torch.ones(nbytes // 4)
         x.sum()
         rates.append(nbytes / min(_timed(x.sum) for _ in range(3)))
         del x
-    return statistics.median(rates)
+    return statistics.median(rates), max(rates)
 
 
 def _timed(fn) -> float:
@@ -126,11 +138,19 @@ class OursDecode:
     """The engine decoding `batch` prompts; each `run()` times one generation's decode steps."""
 
     def __init__(
-        self, model: Transformer, batch: int, new_tokens: int, max_len: int, compile: bool
+        self,
+        model: Transformer,
+        batch: int,
+        new_tokens: int,
+        max_len: int,
+        compile: bool,
+        slots: int | None = None,
     ):
-        if compile:  # drop the graphs of earlier engines: they count against dynamo's limit
-            torch._dynamo.reset()
-        self.engine = create_engine(model, CountingTokenizer(), batch, max_len, compile=compile)
+        self.slots = slots or batch
+        self.engine = create_engine(
+            model, CountingTokenizer(), self.slots, max_len, compile=compile
+        )
+        self.engine.warm_up()
         self.compile_s = self.engine.stats.compile_s if compile else None
         self.ids = prompts(batch, model.args.vocab_size)
         self.params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -148,7 +168,8 @@ class HFDecode:
     called once per new token, so the time between its first and last call is the decode steps
     alone (the prefill comes before the first call), the engine's `decode_s` counterpart."""
 
-    def __init__(self, hf, batch: int, vocab: int, new_tokens: int):
+    def __init__(self, hf, batch: int, vocab: int, new_tokens: int, static: bool = False):
+        """`static`: its static cache, with the forward compiled (as transformers' docs show)."""
         import transformers
 
         class StepClock(transformers.LogitsProcessor):
@@ -163,7 +184,12 @@ class HFDecode:
         )
         self.clock = StepClock()
         self.best_step_s, self.tokens = float("inf"), []
-        self._generate(4)  # warm up
+        self.cache = {"cache_implementation": "static"} if static else {}
+        if static:
+            hf.forward = torch.compile(hf.forward, fullgraph=True)
+        # Warm up; a static cache is sized by the generation's length, so it warms up at the
+        # length it is timed at (else the timed runs would compile again).
+        self._generate(new_tokens if static else 4)
 
     def _generate(self, n: int) -> torch.Tensor:
         self.clock.times = []
@@ -175,6 +201,7 @@ class HFDecode:
                 do_sample=False,
                 pad_token_id=0,
                 logits_processor=[self.clock],
+                **self.cache,
             )
 
     def run(self) -> None:
@@ -262,12 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     compile_modes = (False, True) if args.compile else (False,)
     torch.manual_seed(0)
 
-    bandwidth = measure_bandwidth((256 if args.quick else 512) * 2**20)
+    bandwidth, best_bandwidth = measure_bandwidth((256 if args.quick else 512) * 2**20)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s; {new_tokens} decode steps per run after a "
-        f"{PROMPT_LEN}-token prompt, best of {rounds}",
+        f"{bandwidth / 1e9:.1f} GB/s (median; best {best_bandwidth / 1e9:.1f}); "
+        f"{new_tokens} decode steps per run after a {PROMPT_LEN}-token prompt, best of {rounds}",
         flush=True,
     )
     rows: list[Row] = []
@@ -275,17 +302,30 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes.split(","):
             model = build_model(MODELS[name], DTYPES[dtype_name])
             roofline_ms = 1e3 * weight_bytes(model) / bandwidth
+            roofline_best_ms = 1e3 * weight_bytes(model) / best_bandwidth
             hf = None if args.no_hf else hf_model(model)
+            # A second copy: its forward gets compiled.
+            hf_static = hf_model(model) if hf is not None and args.compile else None
             print(
                 f"{name} ({count_params(model) / 1e6:.1f}M params, {dtype_name}): "
                 f"{weight_bytes(model) / 2**20:.0f} MiB read per step",
                 flush=True,
             )
-            for batch in (int(b) for b in args.batches.split(",")):
+            batches = [int(b) for b in args.batches.split(",")]
+            for batch in batches:
                 max_len = args.max_len or model.args.max_seq_len
-                variants = [OursDecode(model, batch, new_tokens, max_len, c) for c in compile_modes]
+                # Batch 1 also alone on the most slots: the lone client of a busy-sized server.
+                slot_counts = {batch, max(batches)} if batch == 1 else {batch}
+                if args.compile:  # drop earlier groups' graphs: they count against dynamo's limit
+                    torch._dynamo.reset()
+                variants = [
+                    OursDecode(model, batch, new_tokens, max_len, c, slots)
+                    for c in compile_modes
+                    for slots in sorted(slot_counts)
+                ]
                 theirs = HFDecode(hf, batch, model.args.vocab_size, new_tokens) if hf else None
-                runners = variants + ([theirs] if theirs else [])
+                static = hf_static and static_baseline(hf_static, batch, model, new_tokens)
+                runners = [*variants, *(r for r in (theirs, static) if r)]
                 for _ in range(rounds):  # alternate, so load changes hit all alike
                     for runner in runners:
                         runner.run()
@@ -294,17 +334,20 @@ def main(argv: list[str] | None = None) -> int:
                         name,
                         dtype_name,
                         batch,
+                        ours.slots,
                         batch / ours.best_step_s,
                         batch / theirs.best_step_s if theirs else None,
+                        batch / static.best_step_s if static else None,
                         1e3 * ours.best_step_s,
                         roofline_ms,
+                        roofline_best_ms,
                         ours.compile_s,
                         leading_equal(ours.tokens, theirs.tokens) if theirs else None,
                         len(ours.tokens),
                     )
                     rows.append(row)
                     print("  " + _describe(row), flush=True)
-            del model, hf
+            del model, hf, hf_static
 
     if not args.no_server:
         model = build_model(MODELS["bench"], torch.float32)
@@ -319,12 +362,23 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             result = {
                 "bandwidth_gb_s": bandwidth / 1e9,
+                "best_bandwidth_gb_s": best_bandwidth / 1e9,
                 "rows": [asdict(r) | {"roofline_fraction": r.roofline_fraction} for r in rows],
                 "server_sequential_tok_s": sequential,
                 "server_concurrent_tok_s": concurrent,
             }
             json.dump(result, f, indent=2)
     return 0
+
+
+def static_baseline(hf, batch: int, model: Transformer, new_tokens: int) -> "HFDecode | None":
+    """transformers with its static cache and compiled forward, or None (said) where that
+    doesn't compile here."""
+    try:
+        return HFDecode(hf, batch, model.args.vocab_size, new_tokens, static=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: no such baseline here
+        print(f"  transformers static cache + compile failed, left out: {err}", flush=True)
+        return None
 
 
 def leading_equal(ours: list[int], theirs: list[int]) -> int:
@@ -335,12 +389,20 @@ def leading_equal(ours: list[int], theirs: list[int]) -> int:
 
 def _describe(row: Row) -> str:
     text = (
-        f"batch {row.batch}{' compiled' if row.compile_s is not None else ''}: "
+        f"batch {row.batch}{f' on {row.slots} slots' if row.slots != row.batch else ''}"
+        f"{' compiled' if row.compile_s is not None else ''}: "
         f"{row.ours_tok_s:,.1f} tok/s, {row.step_ms:.1f} ms/step, "
-        f"{100 * row.roofline_fraction:.0f}% of the {row.roofline_ms:.1f} ms roofline"
+        f"{100 * row.roofline_fraction:.0f}% of the {row.roofline_ms:.1f} ms roofline "
+        f"({100 * row.roofline_best_ms / row.step_ms:.0f}% of {row.roofline_best_ms:.1f} ms at "
+        "the best bandwidth)"
     )
     if row.hf_tok_s is not None:
-        text += f"; transformers {row.hf_tok_s:,.1f} tok/s ({row.hf_ratio:.2f}x)"
+        text += f"; transformers eager {row.hf_tok_s:,.1f} tok/s ({row.hf_ratio:.2f}x)"
+    if row.hf_static_tok_s is not None:
+        text += (
+            f"; transformers static+compile {row.hf_static_tok_s:,.1f} tok/s "
+            f"({row.hf_static_ratio:.2f}x)"
+        )
     if row.tokens_equal is not None:
         text += f"; greedy tokens as transformers' {row.tokens_equal}/{row.tokens}"
     if row.compile_s is not None:

@@ -34,7 +34,9 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -46,7 +48,6 @@ from arbor_titan.config.loader import ConfigError
 from arbor_titan.data.corpus import Corpus
 from arbor_titan.data.tokenizer import Tokenizer
 from arbor_titan.models.arbor.model import Transformer
-from arbor_titan.models.arbor.rope import rope_cos_sin
 from plugins.inference.cli import DEFAULT_CHECKPOINTS
 from plugins.inference.loading import DTYPES, LOAD_ERRORS, load_model, newest_checkpoint
 
@@ -150,11 +151,16 @@ def scaling_settings(name: str, multiple: int, trained_len: int, own: dict | Non
     return settings
 
 
-def use_rope(model: Transformer, length: int, settings: dict | None) -> None:
-    """Give the model a RoPE table of `length` positions under `settings`."""
-    args = model.args
-    table = rope_cos_sin(args.head_dim, length, args.rope_theta, settings)
-    model.rope_cache = table.to(model.rope_cache.device)
+@contextmanager
+def use_rope(model: Transformer, length: int, settings: dict | None) -> Iterator[None]:
+    """Inside the block the model's RoPE runs under `settings`, a length-dependent scaling
+    evaluated at `length`; the checkpoint's own args come back after it."""
+    own = model.args, model.rope_length
+    model.args, model.rope_length = replace(model.args, rope_scaling=settings), length
+    try:
+        yield
+    finally:
+        model.args, model.rope_length = own
 
 
 def held_out_documents(args: argparse.Namespace) -> tuple[list[str], str]:
@@ -188,7 +194,7 @@ def position_losses(
 ) -> torch.Tensor:
     """Per-position next-token loss (length,), averaged over the first `windows` consecutive
     windows of `length` + 1 tokens."""
-    device = model.rope_cache.device
+    device = model.tok_embeddings.weight.device
     total = torch.zeros(length, dtype=torch.float64)
     for index in range(windows):
         window = stream[index * (length + 1) : (index + 1) * (length + 1)].to(device)
@@ -225,7 +231,7 @@ def passkey_prompt(tokenizer: Tokenizer, key: str, depth: float, budget: int) ->
 @torch.no_grad()
 def greedy(model: Transformer, prompt: list[int], new_tokens: int) -> list[int]:
     """Greedy continuation by full forwards (no cache: the exact model under test)."""
-    tokens = torch.tensor(prompt, device=model.rope_cache.device)
+    tokens = torch.tensor(prompt, device=model.tok_embeddings.weight.device)
     for _ in range(new_tokens):
         next_token = model(tokens[None])[0, -1].argmax()
         tokens = torch.cat([tokens, next_token[None]])
@@ -259,7 +265,7 @@ def evaluate(
     multiple: int,
     scaling: str,
 ) -> Result:
-    """One (multiple, scaling) cell: the model's RoPE table is rebuilt for it first."""
+    """One (multiple, scaling) cell, under its RoPE scaling."""
     trained_len = model.args.max_seq_len
     length = multiple * trained_len
     windows = min(args.windows, len(stream) // (length + 1))
@@ -270,13 +276,14 @@ def evaluate(
             "smaller --multiples"
         )
     settings = scaling_settings(scaling, multiple, trained_len, model.args.rope_scaling)
-    use_rope(model, length, settings)
-    losses = position_losses(model, stream, length, windows)
-    bucket_start, bucket_loss = bucket_means(losses, args.buckets)
     keys = passkey_keys(args.seed, args.trials)
-    passkey = {
-        str(depth): passkey_at_depth(model, tokenizer, keys, depth, length) for depth in args.depths
-    }
+    with use_rope(model, length, settings):
+        losses = position_losses(model, stream, length, windows)
+        passkey = {
+            str(depth): passkey_at_depth(model, tokenizer, keys, depth, length)
+            for depth in args.depths
+        }
+    bucket_start, bucket_loss = bucket_means(losses, args.buckets)
     fitted = [accuracy for accuracy in passkey.values() if accuracy is not None]
     return Result(
         multiple=multiple,

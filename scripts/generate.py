@@ -29,7 +29,12 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
+from plugins.inference.cli import (
+    add_model_arguments,
+    check_sizes,
+    engine_factory,
+    load_from_args,
+)
 from plugins.inference.engine import Engine, Request
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.rope import context_length
@@ -130,6 +135,8 @@ def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:
         stop=tuple(args.stop),
     )
     try:
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         params.validate()
         make_engine = engine_factory(args.engine)
         loaded = load_from_args(args, mesh)
@@ -139,6 +146,18 @@ def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:
     tokenizer = loaded.tokenizer
     longest = max(len(tokenizer.encode(p)) + 1 for p in prompts)  # +1: the BOS
     max_len = longest + args.max_new_tokens
+    try:
+        check_sizes(
+            loaded.args,
+            loaded.model.tok_embeddings.weight.dtype,
+            loaded.model.tok_embeddings.weight.device,
+            ("prompts", len(prompts)),
+            ("--max-new-tokens + prompt", max_len),
+            past_context_ok=True,  # RoPE extends, with the note below
+        )
+    except ValueError as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
     context = context_length(loaded.args)
     if max_len > context:
         print(
@@ -149,6 +168,7 @@ def generate(args: argparse.Namespace, mesh: DeviceMesh | None) -> int:
         )
     engine = make_engine(loaded.model, tokenizer, len(prompts), max_len, args.compile)
     if args.compile:
+        engine.warm_up()  # here, where it steps: apart from the decode timings
         print(f"compile: {engine.stats.compile_s:.1f}s (decode step)", file=sys.stderr)
     run(engine, prompts, params)
     stats = engine.stats

@@ -23,7 +23,12 @@ import sys
 
 import torch.distributed as dist
 
-from plugins.inference.cli import add_model_arguments, engine_factory, load_from_args
+from plugins.inference.cli import (
+    add_model_arguments,
+    check_sizes,
+    engine_factory,
+    load_from_args,
+)
 from plugins.inference.loading import LOAD_ERRORS
 from plugins.inference.lockstep import LockstepEngine, follow
 from plugins.inference.rope import context_length
@@ -43,6 +48,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="tokens per sequence, prompt + completion (default: the model's training length, "
         "or the length its RoPE scaling reaches: original length × factor)",
+    )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        help="KV cache size, shared by all sequences in blocks handed out on demand (default: "
+        "room for --max-batch sequences of --max-len tokens)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     return parser.parse_args(argv)
@@ -65,11 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     except LOAD_ERRORS as err:
         print(f"serve.py: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     max_len = args.max_len or context_length(loaded.args)
-    engine = make_engine(loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile)
-    if args.compile:
-        logging.info("compiled the decode step in %.1fs", engine.stats.compile_s)
+    try:
+        check_sizes(
+            loaded.args,
+            loaded.model.tok_embeddings.weight.dtype,
+            loaded.model.tok_embeddings.weight.device,
+            ("--max-batch", args.max_batch),
+            ("--max-len", max_len),
+            kv_cache_gib=args.kv_cache_gib,
+        )
+    except ValueError as err:
+        print(f"serve.py: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    kv_cache = (
+        {} if args.kv_cache_gib is None else {"kv_cache_bytes": int(args.kv_cache_gib * 2**30)}
+    )
+    engine = make_engine(
+        loaded.model, loaded.tokenizer, args.max_batch, max_len, args.compile, **kv_cache
+    )
     cache = f"KV cache {engine.forward.cache.nbytes / 2**20:.0f} MiB"
     if mesh is not None:
         cache += f" per process, tensor parallel over {mesh.size()}"

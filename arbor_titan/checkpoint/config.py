@@ -22,6 +22,11 @@ class CheckpointConfig:
         "A DCP folder whose model weights start the run when this job has no checkpoint of its "
         "own yet (also with enable = false).",
     )
+    create_seed_checkpoint: bool = option(
+        False,
+        "Save the freshly initialized run as step-0, written sharded by this run's processes, "
+        "and stop without training (a later run of the job resumes from it).",
+    )
     model_weights_only: bool = option(
         False, "Save the final checkpoint with model weights only (smaller; cannot resume)."
     )
@@ -30,4 +35,8 @@ class CheckpointConfig:
         if self.async_mode not in ASYNC_MODES:
             raise ValueError(
                 f"checkpoint.async_mode must be one of {ASYNC_MODES}, got {self.async_mode!r}"
+            )
+        if self.create_seed_checkpoint and not self.enable:
+            raise ValueError(
+                "checkpoint.create_seed_checkpoint = true needs checkpoint.enable = true"
             )

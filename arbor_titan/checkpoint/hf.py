@@ -16,10 +16,10 @@ files, so it needs little memory beyond the page cache.
 
 import json
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -30,7 +30,6 @@ from arbor_titan.checkpoint.convert import (
     Emit,
     TensorProgress,
     check_shapes,
-    copy_side_files,
     new_output,
     save_dcp,
     some_names,
@@ -38,12 +37,16 @@ from arbor_titan.checkpoint.convert import (
 )
 from arbor_titan.checkpoint.folders import MODEL_ARGS_FILE, TOKENIZER_FILE
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.data.hf_tokenizer import HFTokenizer
+from arbor_titan.data.tokenizer import Tokenizer, load_tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.rope import build_rope_scaling, check_rope_scaling, scaling_name
 
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# A Hugging Face folder's tokenizer when it has no sentencepiece `tokenizer.model` (Llama 3's).
+HF_TOKENIZER_JSON = "tokenizer.json"
 
 # The shard size transformers used by default through v4: small enough for hub uploads and for
 # one shard to sit in memory while it is written.
@@ -191,7 +194,16 @@ def check_llama_heads(args: ArborArgs) -> None:
         )
 
 
-def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> dict:
+def folder_tokenizer(folder: Path) -> Path | None:
+    """A checkpoint's or Hugging Face folder's tokenizer file: `tokenizer.model` (which in our
+    checkpoints may hold a tokenizer.json), else `tokenizer.json`; None when it has neither."""
+    for name in (TOKENIZER_FILE, HF_TOKENIZER_JSON):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Tokenizer | None) -> dict:
     """LlamaConfig's fields for `args`; bos/eos ids come from the tokenizer when there is one."""
     check_llama_heads(args)
     rope, max_positions = hf_rope_parameters(args)
@@ -220,8 +232,7 @@ def hf_config(args: ArborArgs, dtype: torch.dtype, tokenizer: Path | None) -> di
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if tokenizer is not None:
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-        config.update(bos_token_id=sp.bos_id(), eos_token_id=sp.eos_id())
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     return config
 
 
@@ -293,10 +304,11 @@ def dcp_to_hf(
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    tokenizer = src / TOKENIZER_FILE
+    tokenizer_file = folder_tokenizer(src)
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else None
     saved_dtype = dtype or weights.specs[weights.names[0]].properties.dtype
     try:  # before any weight is written: a shape or scaling transformers lacks stops it
-        config = hf_config(weights.args, saved_dtype, tokenizer if tokenizer.is_file() else None)
+        config = hf_config(weights.args, saved_dtype, tokenizer)
     except ConversionError as err:
         raise ConversionError(f"{src / MODEL_ARGS_FILE}: {err}") from err
     progress = TensorProgress("convert", len(weights.names), emit)
@@ -314,7 +326,9 @@ def dcp_to_hf(
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (temp / INDEX_FILE).write_text(json.dumps(index, indent=2))
         (temp / CONFIG_JSON).write_text(json.dumps(config, indent=2))
-        copy_side_files(src, temp, (TOKENIZER_FILE,))
+        if tokenizer is not None:  # under the name transformers looks for, by its kind
+            name = HF_TOKENIZER_JSON if isinstance(tokenizer, HFTokenizer) else TOKENIZER_FILE
+            shutil.copyfile(tokenizer.path, temp / name)
 
 
 # -- import
@@ -378,4 +392,6 @@ def hf_to_dcp(src: Path, out: Path, emit: Emit | None = None) -> None:
     with new_output(out) as temp:
         save_dcp(tensors, temp, emit)
         write_model_args(args, temp)
-        copy_side_files(src, temp, (TOKENIZER_FILE,))
+        tokenizer_file = folder_tokenizer(src)
+        if tokenizer_file is not None:  # a tokenizer.json comes along as our tokenizer.model
+            shutil.copyfile(tokenizer_file, temp / TOKENIZER_FILE)

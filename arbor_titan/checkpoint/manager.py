@@ -101,6 +101,15 @@ class CheckpointManager(Callback):
         if self.cfg.enable:
             trainer.checkpointer = self
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.cfg.create_seed_checkpoint:
+            if trainer.state.step > 0:
+                raise CheckpointError(
+                    "checkpoint.create_seed_checkpoint needs a job with no checkpoint yet: "
+                    f"{self.root} resumes at step {trainer.state.step} (use another --job.name)"
+                )
+            self.save(trainer)
+            self.wait()
+            trainer.request_stop()
 
     def on_step_end(self, trainer: "Trainer") -> None:
         if not self.cfg.enable:

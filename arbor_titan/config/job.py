@@ -8,7 +8,7 @@ from arbor_titan.context.config import ContextConfig
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.distributed.activation_checkpoint import ActivationCheckpointConfig
 from arbor_titan.distributed.compile import CompileConfig
-from arbor_titan.distributed.float8 import Float8Config
+from arbor_titan.distributed.float8 import Float8Config, check_float8_run
 from arbor_titan.distributed.parallel_dims import ParallelismConfig
 from arbor_titan.growth.config import GrowthConfig
 from arbor_titan.metrics.config import MetricsConfig
@@ -43,6 +43,33 @@ class TrainingConfig:
     )
     mixed_precision_reduce: str = option("float32", "Gradient reduce-scatter dtype under FSDP2.")
     cpu_offload: bool = option(False, "FSDP2: keep sharded parameters and optimizer state on CPU.")
+    loss_chunk_len: int = option(
+        0,
+        "Sequence positions per chunk of output projection + loss (logits exist for one chunk "
+        "at a time); 0: the whole sequence at once.",
+        ge=0,
+    )
+    enable_tf32: bool = option(
+        True, "CUDA fp32 matmuls on TF32 tensor cores (10-bit mantissa, ~7x fp32's rate)."
+    )
+    nonfinite_skip_limit: int = option(
+        3,
+        "Steps in a row whose update is skipped for a non-finite loss or gradient norm; one "
+        "more stops the run (0: stop at the first).",
+        ge=0,
+    )
+    memory_budget_gib: float = option(
+        0,
+        "Device memory per process that activation_checkpoint.mode = auto plans for and the "
+        "near-capacity warning measures against; 0: the device's own (on CPU, RAM / processes).",
+        ge=0,
+    )
+    hang_timeout_s: float = option(
+        0,
+        "No step finished within this many seconds: every rank writes its Python stacks to "
+        "the run folder and exits non-zero (0 disables the watchdog).",
+        ge=0,
+    )
 
     def __post_init__(self) -> None:
         for key in ("mixed_precision_param", "mixed_precision_reduce"):
@@ -85,3 +112,7 @@ class JobConfig:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     context: ContextConfig = field(default_factory=ContextConfig)
+
+    def __post_init__(self) -> None:
+        # What float8 needs of other sections, checked before any data or model is built.
+        check_float8_run(self.float8, self.training, self.parallelism)

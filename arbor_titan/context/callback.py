@@ -95,6 +95,12 @@ def check_layout(shapes: list[ContextShape], trainer: "Trainer") -> None:
     if cfg.validation.seq_len:
         lengths.append(("validation.seq_len", cfg.validation.seq_len))
     for key, seq_len in lengths:
+        if dims.cp > 1 and seq_len % (2 * dims.cp):
+            raise ConfigError(
+                f"{key}: sequence length {seq_len} is not divisible by 2 × "
+                f"parallelism.context_parallel_degree={dims.cp} (each cp rank holds a head and "
+                "a tail chunk of every sequence)"
+            )
         if seq_len % dims.tp:
             raise ConfigError(
                 f"{key}: sequence length {seq_len} is not divisible by "

@@ -1,10 +1,22 @@
 """The `[data]` and `[tokenizer]` sections, and the checks their builders run."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from arbor_titan.config.fields import option
+from arbor_titan.config.fields import REQUIRED, option
 
-SOURCES = ("stdlib", "text", "jsonl")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf_disk")
+
+
+@dataclass
+class SourceConfig:
+    """One `[[data.sources]]` table: a corpus of a mixture and its share of the training tokens."""
+
+    name: str = option(REQUIRED, "Names the source in metrics and checkpoints, e.g. 'web'.")
+    weight: float = option(REQUIRED, "Share of training tokens (weights are normalized).", gt=0)
+    source: str = option("stdlib", "As data.source: stdlib, text, jsonl, parquet, hf_disk.")
+    paths: list[str] = option([], "As data.paths.")
+    text_field: str = option("text", "As data.text_field.")
+    max_files: int = option(0, "As data.max_files (0 = data.max_files).", ge=0)
 
 
 @dataclass
@@ -12,10 +24,16 @@ class DataConfig:
     """The `[data]` section: which documents to train on and how to split them."""
 
     source: str = option(
-        "stdlib", "Corpus: 'stdlib' (this Python's own library source), 'text' or 'jsonl' files."
+        "stdlib",
+        "Corpus: 'stdlib' (this Python's own library source), 'text', 'jsonl' or 'parquet' "
+        "files, or 'hf_disk' (a datasets.save_to_disk folder or its .arrow files; local only).",
     )
-    paths: list[str] = option([], "Files or glob patterns ('**' recurses) for text/jsonl sources.")
-    text_field: str = option("text", "Key of the document text in each JSONL object.")
+    paths: list[str] = option(
+        [], "Files or glob patterns ('**' recurses); for hf_disk also save_to_disk folders."
+    )
+    text_field: str = option(
+        "text", "Key (jsonl) or column (parquet, hf_disk) holding each document's text."
+    )
     val_fraction: float = option(
         0.02,
         "Share of documents held out for validation, chosen by a stable hash of their name.",
@@ -32,14 +50,45 @@ class DataConfig:
     restart_positions: bool = option(
         False, "With document_mask: RoPE positions restart at 0 at each document."
     )
+    sources: list[SourceConfig] = option(
+        [],
+        "A weighted mixture ([[data.sources]] tables) instead of data.source/paths/text_field; "
+        "val_fraction, max_files and the rest apply to each source.",
+    )
+
+    def source_configs(self) -> dict[str, "DataConfig"]:
+        """Each mixture source's own single-source config, by name."""
+        return {
+            s.name: replace(
+                self,
+                source=s.source,
+                paths=s.paths,
+                text_field=s.text_field,
+                max_files=s.max_files or self.max_files,
+                sources=[],
+            )
+            for s in self.sources
+        }
 
 
 @dataclass
 class TokenizerConfig:
-    """The `[tokenizer]` section: a sentencepiece model to load, or how to train one."""
+    """The `[tokenizer]` section: a tokenizer file to load, or how to train one."""
 
     path: str = option(
-        "", "An existing sentencepiece .model file; empty = train one on the corpus."
+        "",
+        "An existing sentencepiece .model or Hugging Face tokenizer.json; empty = train a "
+        "sentencepiece BPE tokenizer on the corpus.",
+    )
+    bos_token: str = option(
+        "",
+        "tokenizer.json only: the BOS token's name; empty = the first found of <|begin_of_text|>, "
+        "<s>, <bos>, [BOS], <|startoftext|>.",
+    )
+    eos_token: str = option(
+        "",
+        "tokenizer.json only: the EOS token's name; empty = the first found of <|end_of_text|>, "
+        "</s>, <eos>, [EOS], <|endoftext|>.",
     )
     # 256 byte-fallback pieces plus unk/bos/eos must fit, with room for real merges.
     vocab_size: int = option(2000, "Vocabulary size when training a tokenizer.", ge=300)
@@ -52,6 +101,9 @@ class TokenizerConfig:
 
 def check_data_config(cfg: DataConfig) -> None:
     """Raise ValueError naming the `data.*` key whose value cannot work."""
+    if cfg.sources:
+        _check_mixture(cfg)
+        return
     if cfg.source not in SOURCES:
         names = ", ".join(repr(s) for s in SOURCES)
         raise ValueError(f"data.source must be one of {names}, got {cfg.source!r}")
@@ -66,3 +118,30 @@ def check_data_config(cfg: DataConfig) -> None:
             "data.restart_positions = true needs data.document_mask = true (positions restart "
             "at documents that the mask separates)"
         )
+
+
+def _check_mixture(cfg: DataConfig) -> None:
+    single = DataConfig()
+    given = [
+        f"data.{key}"
+        for key in ("source", "paths", "text_field")
+        if getattr(cfg, key) != getattr(single, key)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} describe a single source; with [[data.sources]] set them in each "
+            "source's table"
+        )
+    if cfg.num_workers:
+        raise ValueError(
+            "data.num_workers > 0 is not supported with [[data.sources]]: a mixture reads its "
+            "windows in-process (memory-mapped slices); set data.num_workers = 0"
+        )
+    names = [s.name for s in cfg.sources]
+    if "" in names or len(set(names)) != len(names):
+        raise ValueError(f"data.sources: each needs a distinct, non-empty name, got {names}")
+    for name, source_cfg in cfg.source_configs().items():
+        try:
+            check_data_config(source_cfg)
+        except ValueError as err:
+            raise ValueError(f"data.sources[{name!r}]: {err}") from None

@@ -22,10 +22,18 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from arbor_titan.data.columnar import (
+    MalformedShard,
+    check_shard,
+    columnar_documents,
+    hf_disk_files,
+    hub_name_error,
+)
 from arbor_titan.data.config import DataConfig, check_data_config
 
 SPLITS = ("train", "val")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages"}
+_COLUMNAR = ("parquet", "hf_disk")
 
 
 def unit_hash(name: str) -> float:
@@ -55,6 +63,8 @@ class Corpus:
         self.files = _resolve_files(cfg)
         if not self.files:
             raise ValueError(f"data.source = {cfg.source!r} found no files: the corpus is empty")
+        if cfg.source in _COLUMNAR:
+            _check_shards(self.files, cfg.source, cfg.text_field)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -102,8 +112,29 @@ class Corpus:
         for name, path in self.files:
             if self.cfg.source == "jsonl":
                 yield from _jsonl_documents(name, path, self.cfg.text_field, skipped)
+            elif self.cfg.source in _COLUMNAR:
+                yield from columnar_documents(
+                    name, path, self.cfg.source, self.cfg.text_field, skipped
+                )
             else:
                 yield from _checked(name, _decode(path.read_bytes(), skipped), skipped)
+
+
+class MixedCorpus:
+    """A mixture's sources read one after another, unweighted: what its tokenizer trains on."""
+
+    def __init__(self, corpora: list[Corpus]):
+        self.corpora = corpora
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return hashlib.sha1("\0".join(c.fingerprint for c in self.corpora).encode()).hexdigest()[
+            :16
+        ]
+
+    def documents(self, split: str | None = None) -> Iterator[tuple[str, str]]:
+        for corpus in self.corpora:
+            yield from corpus.documents(split)
 
 
 def describe_skips(skipped: Mapping[str, int]) -> str:
@@ -124,7 +155,7 @@ def _resolve_files(cfg: DataConfig) -> list[tuple[str, Path]]:
     else:
         files = {}
         for pattern in cfg.paths:
-            for path in _expand(pattern):
+            for path in _expand(pattern, cfg.source):
                 files[path.as_posix()] = path
     names = sorted(files)
     if cfg.max_files:
@@ -132,13 +163,17 @@ def _resolve_files(cfg: DataConfig) -> list[tuple[str, Path]]:
     return [(name, files[name]) for name in names]
 
 
-def _expand(pattern: str) -> list[Path]:
+def _expand(pattern: str, source: str) -> list[Path]:
     if glob.has_magic(pattern):
         matches = [Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
         if not matches:
             raise FileNotFoundError(f"data.paths: glob {pattern!r} matches no files")
         return matches
     path = Path(pattern)
+    if source == "hf_disk" and path.is_dir():
+        return hf_disk_files(path)
+    if source == "hf_disk" and not path.exists():
+        raise hub_name_error(pattern)
     if path.is_dir():
         raise ValueError(
             f"data.paths: {pattern!r} is a directory; use a glob like '{pattern}/**/*'"
@@ -146,6 +181,21 @@ def _expand(pattern: str) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"data.paths: no such file {pattern!r}")
     return [path]
+
+
+def _check_shards(files: list[tuple[str, Path]], source: str, field: str) -> None:
+    """One error naming every file of a columnar source that can't be read as text rows."""
+    problems = []
+    for _, path in files:
+        try:
+            check_shard(path, source, field)
+        except MalformedShard as err:
+            problems.append(str(err))
+    if problems:
+        listed = "\n  ".join(problems)
+        raise MalformedShard(
+            f"data.paths: {len(problems)} of {len(files)} {source} files are malformed:\n  {listed}"
+        )
 
 
 def _decode(raw: bytes, skipped: Counter) -> str | None:

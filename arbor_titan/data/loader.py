@@ -12,7 +12,9 @@ from torch.utils.data import DataLoader
 
 from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
 from arbor_titan.data.lanes import LanePosition
+from arbor_titan.data.mixture import MixtureLoader
 from arbor_titan.data.prepare import PreparedData
+from arbor_titan.data.token_cache import TokenCache
 
 logger = logging.getLogger("arbor_titan")
 
@@ -251,14 +253,27 @@ def build_dataloader(
     dp_world: int,
     seed: int,
     num_workers: int = 0,
-) -> TokenLoader:
-    """A loader over this rank's share of `split`; training data is reshuffled every epoch."""
-    if split not in prepared.cache.paths:
+) -> TokenLoader | MixtureLoader:
+    """A loader over this rank's share of `split`; training data is reshuffled every epoch.
+    A [[data.sources]] mixture reads in-process (its config check refuses workers)."""
+    if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    documents = Documents(prepared.cache.tokens(split), prepared.tokenizer.bos_id)
-    if len(documents) != prepared.cache.num_docs[split]:
-        raise RuntimeError(
-            f"token cache {prepared.cache.paths[split]} holds {len(documents)} documents, its "
-            f"sidecar says {prepared.cache.num_docs[split]}; delete the cache to rebuild it"
-        )
+    bos_id = prepared.tokenizer.bos_id
+    if prepared.mixture:
+        sources = {
+            name: (source.weight, _documents(source.cache, split, bos_id))
+            for name, source in prepared.mixture.items()
+        }
+        return MixtureLoader(sources, split, seq_len, batch_size, dp_rank, dp_world, seed)
+    documents = _documents(prepared.cache, split, bos_id)
     return TokenLoader(documents, split, seq_len, batch_size, dp_rank, dp_world, seed, num_workers)
+
+
+def _documents(cache: TokenCache, split: str, bos_id: int) -> Documents:
+    documents = Documents(cache.tokens(split), bos_id)
+    if len(documents) != cache.num_docs[split]:
+        raise RuntimeError(
+            f"token cache {cache.paths[split]} holds {len(documents)} documents, its "
+            f"sidecar says {cache.num_docs[split]}; delete the cache to rebuild it"
+        )
+    return documents

@@ -1,25 +1,36 @@
-"""The one entry point the trainer calls: a tokenizer and memory-mapped token files per split.
+"""The one entry point the trainer calls: a tokenizer and memory-mapped token files per split
+(per source, for a `[[data.sources]]` mixture).
 
 Idempotent: everything it builds is cached under `cache_dir` by content, so rank 0 can call it
 first while the other ranks wait on a barrier, and their own call then only loads.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from arbor_titan.data.config import DataConfig, TokenizerConfig
-from arbor_titan.data.corpus import Corpus, describe_skips
+from arbor_titan.data.config import DataConfig, TokenizerConfig, check_data_config
+from arbor_titan.data.corpus import Corpus, MixedCorpus, describe_skips
 from arbor_titan.data.token_cache import TokenCache, build_token_cache
 from arbor_titan.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 
 @dataclass(frozen=True)
+class SourceCache:
+    """A mixture source's token cache and its normalized share of the training tokens."""
+
+    weight: float
+    cache: TokenCache
+
+
+@dataclass(frozen=True)
 class PreparedData:
-    """The tokenizer and the token cache that the data loaders read."""
+    """The tokenizer and the token cache that the data loaders read: `cache` for one source,
+    `mixture` (by source name, in config order) for [[data.sources]]."""
 
     tokenizer: Tokenizer
-    cache: TokenCache
+    cache: TokenCache | None
+    mixture: dict[str, SourceCache] = field(default_factory=dict)
 
 
 def prepare_data(
@@ -33,9 +44,29 @@ def prepare_data(
 
     `show_progress` enables the stderr progress bar; pass it only on the process that builds.
     """
-    corpus = Corpus(data_cfg)
-    tokenizer = load_or_train_tokenizer(tok_cfg, corpus, cache_dir, log)
-    cache = build_token_cache(tokenizer, corpus, cache_dir, show_progress, log)
+    check_data_config(data_cfg)
+    if not data_cfg.sources:
+        corpus = Corpus(data_cfg)
+        tokenizer = load_or_train_tokenizer(tok_cfg, corpus, cache_dir, log)
+        cache = build_token_cache(tokenizer, corpus, cache_dir, show_progress, log)
+        _log_sizes("data", cache, data_cfg, log)
+        return PreparedData(tokenizer, cache)
+    corpora = {name: Corpus(cfg) for name, cfg in data_cfg.source_configs().items()}
+    tokenizer = load_or_train_tokenizer(
+        tok_cfg, MixedCorpus(list(corpora.values())), cache_dir, log
+    )
+    total = sum(s.weight for s in data_cfg.sources)
+    mixture = {}
+    for source in data_cfg.sources:
+        cache = build_token_cache(tokenizer, corpora[source.name], cache_dir, show_progress, log)
+        _log_sizes(f"data source {source.name!r}", cache, data_cfg, log)
+        mixture[source.name] = SourceCache(source.weight / total, cache)
+    return PreparedData(tokenizer, None, mixture)
+
+
+def _log_sizes(
+    what: str, cache: TokenCache, data_cfg: DataConfig, log: Callable[[str], None]
+) -> None:
     val = f"val {cache.num_tokens['val']:,} tokens ({cache.num_docs['val']} documents)"
     if cache.val_by_tokens:
         val = (
@@ -44,7 +75,6 @@ def prepare_data(
             "(data.val_fraction of them would be less than one)"
         )
     log(
-        f"data: train {cache.num_tokens['train']:,} tokens ({cache.num_docs['train']} documents), "
-        f"{val}; {describe_skips(cache.skipped)}"
+        f"{what}: train {cache.num_tokens['train']:,} tokens ({cache.num_docs['train']} "
+        f"documents), {val}; {describe_skips(cache.skipped)}"
     )
-    return PreparedData(tokenizer, cache)

@@ -66,7 +66,8 @@ def build_token_cache(
     log: Callable[[str], None],
 ) -> TokenCache:
     """Load the token cache for this tokenizer and corpus, encoding the corpus first if needed."""
-    key = cache_key(_FORMAT, file_sha1(tokenizer.path), corpus.fingerprint)
+    specials = (tokenizer.bos_id, tokenizer.eos_id)  # a tokenizer.json's may be chosen by name
+    key = cache_key(_FORMAT, file_sha1(tokenizer.path), specials, corpus.fingerprint)
     sidecar = Path(cache_dir) / f"tokens-{key}.json"
     paths = {split: sidecar.with_name(f"tokens-{key}-{split}.bin") for split in SPLITS}
     if sidecar.exists():

@@ -1,7 +1,10 @@
-"""A lossless sentencepiece BPE tokenizer: loaded from `tokenizer.path`, or trained and cached.
+"""Tokenizers: the one interface that training, inference and export use, and its two kinds.
 
-Training settings keep every byte of source code: no normalization, whitespace kept as is, and
-byte fallback for anything outside the vocabulary, so `decode(encode(x)) == x` exactly.
+`tokenizer.path` names a sentencepiece `.model` or a Hugging Face `tokenizer.json` (told apart
+by content, so a checkpoint's `tokenizer.model` may hold either); without a path, a lossless
+sentencepiece BPE tokenizer is trained on the corpus and cached. Its training settings keep every
+byte of source code: no normalization, whitespace kept as is, and byte fallback for anything
+outside the vocabulary, so `decode(encode(x)) == x` exactly.
 """
 
 import io
@@ -9,12 +12,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 
 from arbor_titan.data.cache import atomic_path, cache_key
 from arbor_titan.data.config import DataConfig, TokenizerConfig
 from arbor_titan.data.corpus import Corpus
+from arbor_titan.data.hf_tokenizer import HFTokenizer
 
 # Training "sentences" are runs of whole lines up to this many characters. Multi-line chunks
 # let BPE learn newline + indentation pieces: 4.1 bytes/token on the stdlib at vocab 8000,
@@ -44,8 +49,52 @@ _TRAINER_SETTINGS = {
 _MARK = "\u2581"
 
 
-class Tokenizer:
-    """Text ↔ token ids, without BOS/EOS unless the caller adds them."""
+class Tokenizer(Protocol):
+    """Text ↔ token ids, without BOS/EOS unless the caller adds them; `path` is its file."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def bos_id(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def load_tokenizer(path: Path, bos_token: str = "", eos_token: str = "") -> Tokenizer:
+    """The tokenizer in file `path`: a `tokenizer.json` (its BOS/EOS named by `bos_token` /
+    `eos_token`, or found by their usual names) or a sentencepiece model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.path: no such tokenizer file {str(path)!r}")
+    with path.open("rb") as f:
+        is_json = f.read(64).lstrip().startswith(b"{")
+    if is_json:
+        return HFTokenizer(path, bos_token, eos_token)
+    named = [key for key, name in (("bos_token", bos_token), ("eos_token", eos_token)) if name]
+    if named:
+        raise ValueError(
+            f"tokenizer.{named[0]} applies to a tokenizer.json; {str(path)!r} is a sentencepiece "
+            "model, which defines its own BOS/EOS: leave it empty"
+        )
+    try:
+        tokenizer = SentencePieceTokenizer(path)
+    except RuntimeError as err:
+        raise ValueError(
+            f"tokenizer.path: {str(path)!r} is neither a sentencepiece model nor a "
+            f"tokenizer.json ({err})"
+        ) from None
+    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
+        raise ValueError(f"tokenizer.path: {str(path)!r} defines no BOS/EOS ids, needed to pack")
+    return tokenizer
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model's text ↔ token ids, without BOS/EOS unless the caller adds them."""
 
     def __init__(self, path: Path):
         self._path = Path(path)
@@ -102,7 +151,12 @@ def load_or_train_tokenizer(
 ) -> Tokenizer:
     """`build_tokenizer` for an already opened corpus, so it is listed and split only once."""
     if tok_cfg.path:
-        return _load_given(Path(tok_cfg.path))
+        return load_tokenizer(Path(tok_cfg.path), tok_cfg.bos_token, tok_cfg.eos_token)
+    if tok_cfg.bos_token or tok_cfg.eos_token:
+        raise ValueError(
+            "tokenizer.bos_token / eos_token name special tokens of a tokenizer.json given as "
+            "tokenizer.path; a trained tokenizer has its own: leave them empty"
+        )
     settings = {
         **_TRAINER_SETTINGS,
         "vocab_size": tok_cfg.vocab_size,
@@ -111,21 +165,12 @@ def load_or_train_tokenizer(
     path = Path(cache_dir) / f"tokenizer-{cache_key(corpus.fingerprint, settings)}.model"
     if path.exists():
         log(f"reusing tokenizer {path}")
-        return Tokenizer(path)
+        return SentencePieceTokenizer(path)
     log(f"training a BPE tokenizer (vocab {tok_cfg.vocab_size}) on the train split ...")
     start = time.perf_counter()
     _train(corpus, settings, path)
-    tokenizer = Tokenizer(path)
+    tokenizer = SentencePieceTokenizer(path)
     log(f"trained tokenizer {path} in {time.perf_counter() - start:.1f}s")
-    return tokenizer
-
-
-def _load_given(path: Path) -> Tokenizer:
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer.path: no such sentencepiece model {str(path)!r}")
-    tokenizer = Tokenizer(path)
-    if tokenizer.bos_id < 0 or tokenizer.eos_id < 0:
-        raise ValueError(f"tokenizer.path: {str(path)!r} defines no BOS/EOS ids, needed to pack")
     return tokenizer
 
 

@@ -28,7 +28,11 @@ SAVED_OPS = {
 class ActivationCheckpointConfig:
     """The `[activation_checkpoint]` section."""
 
-    mode: str = option("none", "none, full (every block), or selective.")
+    mode: str = option(
+        "none",
+        "none, full (every block), selective, or auto: the cheapest of these three that the "
+        "planner says fits training.memory_budget_gib (default: the device's memory).",
+    )
     selective_ac_option: str = option(
         "2",
         "With selective: an integer k checkpoints every k-th block; 'op' keeps matmul and "
@@ -36,9 +40,9 @@ class ActivationCheckpointConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.mode not in ("none", "full", "selective"):
+        if self.mode not in ("none", "full", "selective", "auto"):
             raise ValueError(
-                "activation_checkpoint.mode must be 'none', 'full' or 'selective', "
+                "activation_checkpoint.mode must be 'none', 'full', 'selective' or 'auto', "
                 f"got {self.mode!r}"
             )
         option = self.selective_ac_option
@@ -55,6 +59,11 @@ def _save_matmuls_and_attention(ctx, op: Callable, *args, **kwargs) -> Checkpoin
 
 def apply_activation_checkpointing(blocks: nn.ModuleDict, cfg: ActivationCheckpointConfig) -> None:
     """Wrap the chosen blocks in place (names stay loadable: DCP strips the wrapper prefix)."""
+    if cfg.mode == "auto":
+        raise ValueError(
+            "activation_checkpoint.mode = auto must be resolved to a mode before the model is "
+            "built (arbor_titan.estimate.auto_ac)"
+        )
     if cfg.mode == "none":
         return
     for index, (name, block) in enumerate(list(blocks.items())):

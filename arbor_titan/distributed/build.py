@@ -20,6 +20,7 @@ from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import Numerics, parallelize
 from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
 from arbor_titan.models.arbor import ArborArgs, Transformer, count_params
+from arbor_titan.models.arbor.loss import ChunkedLoss, check_chunked_loss
 from arbor_titan.models.arbor.masking import check_document_mask
 
 logger = logging.getLogger("arbor_titan")
@@ -46,6 +47,7 @@ def build_model(
     materialize: bool = True,
 ) -> BuiltModel:
     check_document_mask(cfg.data, dims.pp)
+    check_chunked_loss(cfg.training.loss_chunk_len, dims.pp, dims.tp)
     num_stages = dims.pp * stages_per_rank(cfg.parallelism) if dims.pp > 1 else 1
     dims.validate_model(
         args.n_layers, args.n_heads, args.n_kv_heads, num_stages, args.tie_embeddings
@@ -54,6 +56,8 @@ def build_model(
         model = Transformer(args)
     num_params = count_params(model)
     num_embedding_params = model.tok_embeddings.weight.numel()
+    if cfg.training.loss_chunk_len:
+        model.chunked_loss = ChunkedLoss(loss_fn, cfg.training.loss_chunk_len)
     # float8 linears replace nn.Linear before TP and FSDP2 shard them (TorchTitan's order).
     convert_to_float8(model, cfg.float8, device)
     pipeline = None
@@ -78,7 +82,7 @@ def build_model(
         parallelize(part, dims, cfg.parallelism, cfg.activation_checkpoint, cfg.compile, numerics)
     if materialize:
         model.to_empty(device="cpu" if cfg.training.cpu_offload else device)
-        model.init_weights(buffer_device=device, seed=cfg.training.seed)
+        model.init_weights(seed=cfg.training.seed)
         check_initialized(model)
         if pipeline is not None:
             pipeline.build_schedule()

@@ -12,11 +12,16 @@ for with `float8.emulate`, because it is slower than plain bf16.
 """
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from arbor_titan.config.fields import option
+
+if TYPE_CHECKING:
+    from arbor_titan.config.job import TrainingConfig
+    from arbor_titan.distributed.parallel_dims import ParallelismConfig
 
 RECIPES = ("tensorwise", "rowwise")
 # torch._scaled_mm needs both dims of each float8 operand divisible by 16.
@@ -64,6 +69,44 @@ class Float8Config:
                 "float8.precompute_float8_dynamic_scale_for_fsdp needs "
                 "float8.enable_fsdp_float8_all_gather = true (it precomputes the all-gather scales)"
             )
+
+
+def check_float8_run(
+    cfg: Float8Config, training: "TrainingConfig", parallelism: "ParallelismConfig"
+) -> None:
+    """What float8 training needs of the other sections, so a config that can't run stops at
+    load time with the keys to change rather than in a kernel mid-run:
+
+    - rowwise scaling multiplies bf16 inputs (torch._scaled_mm has no fp32 rowwise kernel);
+    - torch._scaled_mm needs the token dimension, like the weights', in multiples of 16: the
+      tokens of one micro-batch (a pipeline micro-batch under pp) per tensor-parallel rank.
+    """
+    if not cfg.enable_float8_linear:
+        return
+    if cfg.recipe_name == "rowwise" and training.mixed_precision_param != "bfloat16":
+        raise ValueError(
+            "float8.recipe_name = 'rowwise' needs training.mixed_precision_param = 'bfloat16' "
+            f"(its scaled matmuls take bf16 inputs), got {training.mixed_precision_param!r}; "
+            "set it, or use float8.recipe_name = 'tensorwise'"
+        )
+    sequences, where = training.local_batch_size, "training.local_batch_size"
+    pp = parallelism.pipeline_parallel_degree
+    if pp > 1:
+        from arbor_titan.distributed.pipeline import num_microbatches
+
+        microbatches = num_microbatches(parallelism, pp)
+        sequences //= microbatches
+        where = f"(training.local_batch_size / {microbatches} pipeline micro-batches)"
+    tp = parallelism.tensor_parallel_degree
+    tokens = sequences * training.seq_len
+    if tokens % (FLOAT8_DIM_MULTIPLE * tp):
+        raise ValueError(
+            "float8.enable_float8_linear needs the tokens of a micro-batch per tensor-parallel "
+            f"rank to be a multiple of {FLOAT8_DIM_MULTIPLE} (float8 matmuls): {where} "
+            f"{sequences} x training.seq_len {training.seq_len} / "
+            f"parallelism.tensor_parallel_degree {tp} = {tokens / tp:g}; change those keys, or "
+            "set float8.enable_float8_linear = false"
+        )
 
 
 def float8_eligible(module: nn.Module, fqn: str, filter_fqns: list[str]) -> bool:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from arbor_titan.distributed.device import check_visible_gpus
+
 
 @dataclass(frozen=True)
 class ProcessInfo:
@@ -25,6 +27,8 @@ def init_distributed() -> ProcessInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        check_visible_gpus(local_rank, local_world_size, torch.cuda.device_count())
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:

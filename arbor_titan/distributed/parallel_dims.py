@@ -27,8 +27,9 @@ MULTI_STAGE_SCHEDULES = (
 )
 # Launch hint in layout errors: NVIDIA's HGX/DGX nodes carry 8 GPUs.
 GPUS_PER_NODE = 8
-# Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most.
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+# Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most;
+# context parallel (a K/V all-gather per layer) sits between data and tensor parallel.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ParallelismConfig:
         -1, "FSDP2 shards per replica; -1 takes the rest of the world.", ge=-1
     )
     tensor_parallel_degree: int = option(1, "Tensor + sequence parallel ranks per layer.", ge=1)
+    context_parallel_degree: int = option(
+        1, "Ranks that split each sequence (exact attention; they shard parameters too).", ge=1
+    )
     pipeline_parallel_degree: int = option(1, "Pipeline ranks.", ge=1)
     pipeline_parallel_schedule: str = option("1F1B", f"One of {', '.join(SCHEDULES)}.")
     pipeline_parallel_microbatches: int = option(
@@ -80,23 +84,27 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    cp: int = 1
 
     @classmethod
     def from_config(cls, cfg: ParallelismConfig, world_size: int) -> "ParallelDims":
         others = (
             cfg.data_parallel_replicate_degree
+            * cfg.context_parallel_degree
             * cfg.tensor_parallel_degree
             * cfg.pipeline_parallel_degree
         )
         dp_shard = cfg.data_parallel_shard_degree
         layout = (
             f"replicate {cfg.data_parallel_replicate_degree} × shard {dp_shard} × "
-            f"tp {cfg.tensor_parallel_degree} × pp {cfg.pipeline_parallel_degree}"
+            f"cp {cfg.context_parallel_degree} × tp {cfg.tensor_parallel_degree} × "
+            f"pp {cfg.pipeline_parallel_degree}"
         )
         if dp_shard == -1:
             if world_size % others:
                 raise ValueError(
-                    f"world size {world_size} is not divisible by replicate × tp × pp = {others} "
+                    f"world size {world_size} is not divisible by replicate × cp × tp × pp = "
+                    f"{others} "
                     f"({layout}); launch a multiple of {others} processes (NGPU × NNODES)"
                 )
             dp_shard = world_size // others
@@ -122,6 +130,7 @@ class ParallelDims:
             cfg.tensor_parallel_degree,
             cfg.pipeline_parallel_degree,
             world_size,
+            cfg.context_parallel_degree,
         )
 
     def validate_model(
@@ -151,16 +160,30 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1 or self.dp_replicate > 1
+        """Context-parallel ranks shard parameters too (TorchTitan's `dp_shard_cp`): they hold
+        the same weights and their gradients must be summed, which FSDP2 does."""
+        return self.dp_shard > 1 or self.dp_replicate > 1 or self.cp > 1
 
     @cached_property
     def mesh(self) -> DeviceMesh:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         return init_device_mesh(
             device_type,
-            (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+            (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp),
             mesh_dim_names=MESH_DIMS,
         )
+
+    @cached_property
+    def fsdp_mesh(self) -> DeviceMesh:
+        """FSDP2's mesh: shards over dp_shard × cp (TorchTitan's `dp_shard_cp`), replicas (HSDP)
+        over dp_replicate."""
+        mesh = self.mesh
+        if self.cp == 1:
+            return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        shard_cp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        # Slicing a flattened dim from the root mesh is deprecated (torch 2.11); only HSDP × CP
+        # needs it.
+        return mesh["dp_replicate", "dp_shard_cp"] if self.dp_replicate > 1 else shard_cp
 
     def dp_rank(self) -> int:
         """This rank's data shard: ranks that differ only in tp or pp read the same data."""

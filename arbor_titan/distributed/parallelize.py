@@ -1,6 +1,7 @@
 """Apply every parallelism to a model part, in one fixed order (TorchTitan's):
 
-    tensor + sequence parallel → activation checkpointing → torch.compile → FSDP2
+    tensor + sequence parallel → context parallel → activation checkpointing → torch.compile
+    → FSDP2
 
 TP first so AC, compile and FSDP see the final (DTensor) weights; compile before FSDP so each
 compiled block is one FSDP unit; FSDP last so it shards what the others produced.
@@ -18,6 +19,7 @@ from arbor_titan.distributed.activation_checkpoint import (
     apply_activation_checkpointing,
 )
 from arbor_titan.distributed.compile import CompileConfig, compile_blocks
+from arbor_titan.distributed.context_parallel import ContextParallel
 from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
 from arbor_titan.models.arbor.parallelize import block_plan, root_plan
 
@@ -52,11 +54,22 @@ def parallelize(
         parallelize_module(part, tp_mesh, present)
         for block in part.layers.values():
             parallelize_module(block, tp_mesh, block_plan())
+        part.sequence_shards = dims.tp
+    apply_context_parallel(part, ContextParallel.from_dims(dims))
     apply_activation_checkpointing(part.layers, ac)
     if compile_cfg.compiles("model"):
         compile_blocks(part.layers)
     if dims.fsdp_enabled:
         apply_fsdp(part, dims, parallelism, numerics)
+
+
+def apply_context_parallel(part: nn.Module, cp: ContextParallel | None) -> None:
+    """Point the part and its attention layers at the cp group (before AC wraps the blocks)."""
+    if cp is None:
+        return
+    part.context_parallel = cp
+    for block in part.layers.values():
+        block.attention.context_parallel = cp
 
 
 def reshards_after_forward(parallelism: ParallelismConfig, dims: ParallelDims) -> bool:
@@ -73,7 +86,7 @@ def apply_fsdp(
     part: nn.Module, dims: ParallelDims, parallelism: ParallelismConfig, numerics: Numerics
 ) -> None:
     """FSDP2 per block and at the part's root; HSDP when the mesh has replicas."""
-    mesh = dims.mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else dims.mesh["dp_shard"]
+    mesh = dims.fsdp_mesh
     reshard = reshards_after_forward(parallelism, dims)
     kwargs = {
         "mesh": mesh,

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from arbor_titan.distributed.parallel_dims import ParallelDims
+
 
 def clip_grad_norm_(
     params: Iterable[torch.nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None
@@ -31,14 +33,15 @@ def replicated_value(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def mean_over_data_parallel(value: torch.Tensor, dp_size: int, tp_size: int) -> torch.Tensor:
+def mean_over_data_parallel(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """The data-parallel mean of a loss that only last-stage ranks hold (others pass 0).
 
     Summed over the world, each data-parallel replica's loss appears tp times (TP ranks hold
-    the same loss) and non-last pipeline stages add nothing.
+    the same loss), as cp means over equal token shares (their mean is the sequence's mean),
+    and non-last pipeline stages add nothing.
     """
     value = replicated_value(value).detach().float().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(value)
-        value /= dp_size * tp_size
+        value /= dims.dp * dims.cp * dims.tp
     return value

@@ -21,6 +21,8 @@ from arbor_titan.estimate import (  # noqa: E402
     plan,
     plan_json,
 )
+from arbor_titan.estimate.auto_ac import choose_activation_checkpoint  # noqa: E402
+from arbor_titan.estimate.plan import planned_world_size  # noqa: E402
 from arbor_titan.estimate.throughput import DEFAULT_GPU  # noqa: E402
 
 
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ranks", default="sample", help="sample, all, or e.g. 0,7,511")
     parser.add_argument("--vocab-size", type=int, help="instead of the tokenizer file or flavor")
+    parser.add_argument(
+        "--seq-len", type=int, help="plan at this sequence length (training.seq_len)"
+    )
     return parser
 
 
@@ -72,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = split_overrides(argv)
     args = _parser().parse_args(ours)
+    if args.seq_len is not None:
+        overrides.append(f"--training.seq_len={args.seq_len}")
     options = EstimateOptions(
         world_size=args.world_size,
         memory=MemoryOptions(args.gpu_memory_gib, args.reserve_gib, args.device),
@@ -83,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, overrides)
+        if cfg.activation_checkpoint.mode == "auto":
+            world_size = planned_world_size(cfg.parallelism, options.world_size)[0]
+            cfg, reason = choose_activation_checkpoint(cfg, world_size, options.memory)
+            print(reason)
         result = plan(cfg, options)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

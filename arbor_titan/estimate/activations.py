@@ -11,7 +11,11 @@ real block (tests/estimate/test_memory_accuracy.py checks the totals against a m
   share one; under autocast every consumer casts its own copy (3 in attention, 2 in the FFN).
 - Attention (flash/efficient SDPA) saves q, k, v, its output and an fp32 log-sum-exp per head.
 - SwiGLU saves w1's and w3's outputs, silu(w1 x) and their product (w2's input).
-- Loss: log_softmax keeps fp32 log-probabilities (vocab-sharded under loss parallel).
+- Loss: log_softmax keeps fp32 log-probabilities (vocab-sharded under loss parallel); the
+  chunked loss (`training.loss_chunk_len`) keeps none: each chunk's logits are recomputed in
+  backward, where one chunk's fp32 logits, log-probabilities and their gradient coexist.
+- Context parallel: attention keeps the K/V all-gathered from the cp group (the whole
+  sequence's, local heads) instead of the local ones; backward holds their full-length gradient.
 
 torch.compile only removes saved tensors (its partitioner recomputes cheap pointwise ops), so
 for compiled blocks these eager figures are an upper bound.
@@ -30,8 +34,9 @@ INDEX_BYTES = 8  # token ids and targets are int64
 class ActivationModel:
     """Saved bytes for one micro-batch on one rank.
 
-    `tokens` is micro-batch × seq_len; `seq_tokens` the part of it this rank holds between blocks
-    (tokens / tp under sequence parallel); `tp` divides heads, FFN width and the vocabulary.
+    `tokens` is micro-batch × seq_len / cp (this rank's share of each sequence); `seq_tokens`
+    the part of it this rank holds between blocks (tokens / tp under sequence parallel); `tp`
+    divides heads, FFN width and the vocabulary; `cp` ranks gather each other's keys and values.
     """
 
     args: ArborArgs
@@ -43,6 +48,8 @@ class ActivationModel:
     autocast: bool  # bf16 without FSDP: autocast, not FSDP mixed precision
     fused_norm: bool  # CUDA's fused RMSNorm
     vocab_shards: int  # tp under loss parallel, else 1
+    cp: int = 1
+    loss_chunk_tokens: int = 0  # tokens scored at once by the chunked loss; 0: unchunked
 
     def norm(self, tokens: int) -> int:
         dim = self.args.dim
@@ -58,6 +65,7 @@ class ActivationModel:
         qkv = t * (q_dim + 2 * kv_dim) * e // self.tp
         attention_out = t * q_dim * e // self.tp
         log_sum_exp = t * a.n_heads * FP32 // self.tp
+        gathered_kv = self.gathered_kv()
         ffn_hidden = t * a.ffn_dim * e // self.tp
         if mode == "full":
             return block_input
@@ -65,12 +73,20 @@ class ActivationModel:
             # Checkpoint input, then every matmul output (wo's and w2's are the full-width
             # partial sums before the TP reduce-scatter) and attention's outputs.
             matmuls = qkv + 2 * t * a.dim * e + 2 * ffn_hidden
+            # The gathered K/V are no matmul outputs: recomputed (the gather re-run).
             return block_input + matmuls + attention_out + log_sum_exp
         # Gathered over the sequence: every token. autocast casts per consumer (wq, wk, wv, w1,
         # w3); FSDP mixed precision computes in bf16 already, so wq/wk/wv share one input.
         linear_inputs = (5 if self.autocast else 2) * t * a.dim * e
         norms = 2 * self.norm(self.seq_tokens)
-        return norms + linear_inputs + qkv + attention_out + log_sum_exp + 4 * ffn_hidden
+        return (
+            norms + linear_inputs + qkv + gathered_kv + attention_out + log_sum_exp + 4 * ffn_hidden
+        )
+
+    def gathered_kv(self) -> int:
+        """Keys and values of the other cp ranks' tokens, gathered for attention."""
+        kv_dim = self.args.n_kv_heads * self.args.head_dim
+        return (self.cp - 1) * self.tokens * 2 * kv_dim * self.compute_bytes // self.tp
 
     def recompute(self, mode: str) -> int:
         """What backward re-creates for one checkpointed block, on top of what it kept."""
@@ -79,20 +95,27 @@ class ActivationModel:
     def block_backward_working(self, mode: str) -> int:
         """Recomputed activations plus the SwiGLU's two hidden-width input gradients."""
         gate_grads = 2 * self.tokens * self.args.ffn_dim * self.compute_bytes // self.tp
-        return self.recompute(mode) + gate_grads
+        gathered_kv_grads = self.gathered_kv() * self.cp // (self.cp - 1) if self.cp > 1 else 0
+        return self.recompute(mode) + gate_grads + gathered_kv_grads
 
     def embedding(self) -> int:
         return self.tokens * INDEX_BYTES
 
     def head(self) -> int:
         """Final norm, the output projection's input, fp32 log-probabilities and the targets."""
-        log_probs = self.tokens * self.args.vocab_size * FP32 // self.vocab_shards
+        log_probs = 0 if self.loss_chunk_tokens else self.log_probs(self.tokens)
         output_input = self.tokens * self.args.dim * self.compute_bytes
         return self.norm(self.seq_tokens) + output_input + log_probs + self.tokens * INDEX_BYTES
 
+    def log_probs(self, tokens: int) -> int:
+        return tokens * self.args.vocab_size * FP32 // self.vocab_shards
+
     def loss_backward_working(self) -> int:
-        """log_softmax's backward holds its fp32 input and output gradients at once."""
-        return 2 * self.tokens * self.args.vocab_size * FP32 // self.vocab_shards
+        """log_softmax's backward holds its fp32 input and output gradients at once; a chunk's
+        backward also its recomputed logits."""
+        if self.loss_chunk_tokens:
+            return 3 * self.log_probs(min(self.loss_chunk_tokens, self.tokens))
+        return 2 * self.log_probs(self.tokens)
 
     def stage_output(self) -> int:
         """A pipeline stage keeps each micro-batch's output until its backward."""

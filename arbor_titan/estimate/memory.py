@@ -89,11 +89,12 @@ def activation_model(
     compute = DTYPE_BYTES[training.mixed_precision_param]
     autocast = compute < 4 and not dims.fsdp_enabled
     batch = training.local_batch_size // build.microbatches
-    seq_tokens = -(-training.seq_len // dims.tp)  # sequence parallel shards the sequence
+    local_len = training.seq_len // dims.cp  # context parallel splits each sequence
+    seq_tokens = -(-local_len // dims.tp)  # sequence parallel shards the sequence
     loss_parallel = dims.tp > 1 and cfg.parallelism.enable_loss_parallel
     return ActivationModel(
         args=build.args,
-        tokens=batch * training.seq_len,
+        tokens=batch * local_len,
         seq_tokens=batch * seq_tokens,
         tp=dims.tp,
         compute_bytes=compute,
@@ -101,6 +102,8 @@ def activation_model(
         autocast=autocast,
         fused_norm=device == "cuda",
         vocab_shards=dims.tp if loss_parallel else 1,
+        cp=dims.cp,
+        loss_chunk_tokens=batch * training.loss_chunk_len,
     )
 
 

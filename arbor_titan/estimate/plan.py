@@ -65,6 +65,7 @@ def planned_world_size(cfg: ParallelismConfig, world_size: int | None) -> tuple[
         return world_size, "--world-size"
     fixed = (
         cfg.data_parallel_replicate_degree
+        * cfg.context_parallel_degree
         * cfg.tensor_parallel_degree
         * cfg.pipeline_parallel_degree
     )
@@ -75,12 +76,13 @@ def planned_world_size(cfg: ParallelismConfig, world_size: int | None) -> tuple[
 
 
 def layout_text(dims: ParallelDims) -> str:
-    """`pp 16 × dp_replicate 1 × dp_shard 4 × tp 8 = 512 ranks (64 nodes × 8 GPUs)`."""
+    """`pp 16 × dp_replicate 1 × dp_shard 4 × cp 1 × tp 8 = 512 ranks (64 nodes × 8 GPUs)`."""
     nodes, rest = divmod(dims.world_size, GPUS_PER_NODE)
     where = f"{nodes} nodes × {GPUS_PER_NODE} GPUs" if nodes and not rest else "one node"
     return (
         f"pp {dims.pp} × dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × "
-        f"tp {dims.tp} = {dims.world_size} rank{'s' if dims.world_size > 1 else ''} ({where})"
+        f"cp {dims.cp} × tp {dims.tp} = {dims.world_size} "
+        f"rank{'s' if dims.world_size > 1 else ''} ({where})"
     )
 
 
@@ -91,9 +93,10 @@ def plan_vocab(cfg: JobConfig, override: int | None) -> tuple[int, str]:
         return override, "--vocab-size"
     path = Path(cfg.tokenizer.path)
     if cfg.tokenizer.path and path.is_file():
-        from arbor_titan.data.tokenizer import Tokenizer
+        from arbor_titan.data.tokenizer import load_tokenizer
 
-        return Tokenizer(path).vocab_size, f"tokenizer {path}"
+        tokenizer = load_tokenizer(path, cfg.tokenizer.bos_token, cfg.tokenizer.eos_token)
+        return tokenizer.vocab_size, f"tokenizer {path}"
     vocab_size, source = FLAVORS[cfg.model.flavor].vocab_size, f"flavor {cfg.model.flavor}"
     if not cfg.tokenizer.path and cfg.tokenizer.vocab_size != vocab_size:
         source += f"; a run would train a tokenizer of {cfg.tokenizer.vocab_size}"

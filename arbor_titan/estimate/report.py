@@ -60,6 +60,11 @@ def format_plan(plan: Plan, config_path: str) -> str:
             f"{dims.pp * per_rank} stages, {first.microbatches} micro-batches of "
             f"{batch} × {train.seq_len} tokens"
         )
+    if dims.cp > 1:
+        lines.append(
+            f"context    {train.seq_len:,} tokens a sequence over {dims.cp} cp ranks: "
+            f"{train.seq_len // dims.cp:,} each (a head and a tail chunk), K/V all-gathered"
+        )
     float8 = cfg.float8
     f8 = (
         f"float8 linears ({float8.recipe_name}"
@@ -114,7 +119,7 @@ def _shard_table(plan: Plan) -> list[str]:
 
 def _memory_table(plan: Plan) -> list[str]:
     capacity = plan.ranks[0].memory.capacity
-    head = f"{'rank':>5} {'pp':>3} {'dp':>3} {'tp':>3}  {'layers':<14} {'params':>14}"
+    head = f"{'rank':>5} {'pp':>3} {'dp':>3} {'cp':>3} {'tp':>3}  {'layers':<14} {'params':>14}"
     head += "".join(f" {label:>7}" for label, _ in MEMORY_COLUMNS) + f" {'total':>7}  fits"
     lines = [f"Per-GPU memory, GiB (capacity {_gib(capacity)})", head]
     for rank in plan.ranks:
@@ -122,7 +127,7 @@ def _memory_table(plan: Plan) -> list[str]:
         coord = build.coordinate
         dp = coord["dp_replicate"] * plan.dims.dp_shard + coord["dp_shard"]
         row = (
-            f"{build.rank:>5} {coord['pp']:>3} {dp:>3} {coord['tp']:>3}  "
+            f"{build.rank:>5} {coord['pp']:>3} {dp:>3} {coord['cp']:>3} {coord['tp']:>3}  "
             f"{_layers(build):<14} {build.local_numel:>14,}"
         )
         row += "".join(f" {_gib(getattr(memory, field)):>7}" for _, field in MEMORY_COLUMNS)
@@ -172,6 +177,7 @@ def plan_json(plan: Plan, config_path: str) -> dict:
             "pp": plan.dims.pp,
             "dp_replicate": plan.dims.dp_replicate,
             "dp_shard": plan.dims.dp_shard,
+            "cp": plan.dims.cp,
             "tp": plan.dims.tp,
             "world_size": plan.dims.world_size,
             "world_source": plan.world_source,

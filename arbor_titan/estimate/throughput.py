@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from arbor_titan.config.job import JobConfig
 from arbor_titan.distributed.parallel_dims import MULTI_STAGE_SCHEDULES, ParallelDims
 from arbor_titan.distributed.pipeline import stages_per_rank
-from arbor_titan.metrics.flops import GPU_PEAKS, flops_per_token
+from arbor_titan.metrics.flops import GPU_PEAKS, GpuPeak, flops_per_token
 from arbor_titan.models.arbor import ArborArgs
 
 DEFAULT_GPU = "H100 SXM"
@@ -35,14 +35,33 @@ class StepCost:
 
 
 def gpu_peak(name: str, compute_dtype: str) -> tuple[float, str]:
-    """Dense peak FLOP/s of a GPU from the metrics table, matched by its label (e.g. 'H200')."""
-    for _, gpu in GPU_PEAKS:
-        if name.lower() in gpu.label.lower():
-            peak = gpu.bf16 if compute_dtype == "bfloat16" else gpu.tf32
-            kind = "bf16" if compute_dtype == "bfloat16" else "tf32"
-            return peak, f"{gpu.label} table, {kind} dense"
-    labels = ", ".join(gpu.label for _, gpu in GPU_PEAKS)
-    raise ValueError(f"--gpu {name!r} matches no known GPU ({labels}); pass --peak-tflops")
+    """Dense peak FLOP/s of the metrics table's GPU that `--gpu` names (see `match_gpu`)."""
+    gpu = match_gpu(name)
+    peak = gpu.bf16 if compute_dtype == "bfloat16" else gpu.tf32
+    kind = "bf16" if compute_dtype == "bfloat16" else "tf32"
+    return peak, f"{gpu.label} table, {kind} dense"
+
+
+def match_gpu(name: str) -> GpuPeak:
+    """The table's GPU for `--gpu`: the one whose label it is (with or without 'NVIDIA'), else
+    the one whose label holds all of its words; where several do, the SXM part, which is what
+    a bare model name means (`nvidia-smi` calls the H200 SXM just 'NVIDIA H200')."""
+    wanted = _label_words(name)
+    gpus = [gpu for _, gpu in GPU_PEAKS]
+    exact = [gpu for gpu in gpus if _label_words(gpu.label) == wanted]
+    matches = exact or [gpu for gpu in gpus if set(wanted) <= set(_label_words(gpu.label))]
+    if len(matches) > 1:
+        matches = [gpu for gpu in matches if "sxm" in _label_words(gpu.label)] or matches
+    if len(matches) == 1:
+        return matches[0]
+    what = "several known GPUs" if matches else "no known GPU"
+    labels = ", ".join(gpu.label.removeprefix("NVIDIA ") for gpu in gpus)
+    raise ValueError(f"--gpu {name!r} matches {what}; known: {labels} (or pass --peak-tflops)")
+
+
+def _label_words(label: str) -> list[str]:
+    words = label.lower().split()
+    return words[1:] if words[:1] == ["nvidia"] else words
 
 
 def pipeline_bubble(cfg: JobConfig, dims: ParallelDims, microbatches: int) -> float:

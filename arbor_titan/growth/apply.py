@@ -7,7 +7,7 @@ moments); `step` is per tensor: a tensor made only of new entries starts at 0 so
 correction starts fresh, a tensor that still holds old entries keeps its step.
 """
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -16,8 +16,9 @@ from torch.distributed.tensor import DTensor
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
 from arbor_titan.config.params import parse_params
+from arbor_titan.growth.config import INITS
 from arbor_titan.growth.operator import GrowthContext, GrowthError, GrowthOperator, ParamError
-from arbor_titan.growth.values import AgeValues, MomentValues, WeightValues
+from arbor_titan.growth.values import GAIN, READ, AgeValues, MomentValues, WeightValues
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 
@@ -46,8 +47,17 @@ class Growth:
     param fails before any real tensor is touched.
     """
 
-    def __init__(self, op: GrowthOperator, params: Any, args: ArborArgs, seed: int = 0):
-        self.op, self.seed = op, seed
+    def __init__(
+        self,
+        op: GrowthOperator,
+        params: Any,
+        args: ArborArgs,
+        seed: int = 0,
+        init: str = "operator",
+    ):
+        if init not in INITS:
+            raise GrowthError(f"growth.init must be one of {INITS}, got {init!r}")
+        self.op, self.seed, self.init = op, seed, init
         self.name = type(op).__name__
         new_args = op.new_args(args, params)
         new_args.validate()
@@ -57,17 +67,23 @@ class Growth:
 
     @classmethod
     def create(
-        cls, op_name: str, args: ArborArgs, params: dict, seed: int = 0, where: str = "growth"
+        cls,
+        op_name: str,
+        args: ArborArgs,
+        params: dict,
+        seed: int = 0,
+        where: str = "growth",
+        init: str = "operator",
     ) -> "Growth":
         """The registered operator `op_name` with TOML-style `params`; errors name
-        `{where}.op` or `{where}.params.<key>`."""
+        `{where}.op` or `{where}.params.<key>`. `init` is `growth.init`."""
         try:
             op_cls = registry.get("growth_operator", op_name)
         except registry.PluginError as err:
             raise ConfigError(f"{where}.op: {err}") from None
         parsed = parse_params(op_cls.Params, params, f"{where}.params", op_name)
         try:
-            return cls(op_cls(), parsed, args, seed)
+            return cls(op_cls(), parsed, args, seed, init)
         except ParamError as err:
             raise ConfigError(f"{where}.params.{err.key}: {op_name}: {err}") from None
         except GrowthError as err:
@@ -89,14 +105,18 @@ class Growth:
 
     def grow_param(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The grown model's parameters made from parameter `name`."""
-        return self._grow(name, tensor, WeightValues(self.seed, name))
+        values = WeightValues(self.seed, name)
+        grown = self._grow(name, tensor, values)
+        role = GAIN if tensor.dim() == 1 else READ  # random init: nothing is zeroed, no writer
+        return self._randomized(name, tensor, grown, lambda s: values.fresh(s, tensor, role))
 
     def grow_moment(self, name: str, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """An Adam moment (`exp_avg`, `exp_avg_sq`) of parameter `name`, grown like the weight."""
         if key not in MOMENT_POWERS:
             known = ", ".join([*MOMENT_POWERS, STEP])
             raise GrowthError(f"optimizer state {name}.{key}: unknown entry; known: {known}")
-        return self._grow(name, tensor, MomentValues(MOMENT_POWERS[key]))
+        grown = self._grow(name, tensor, MomentValues(MOMENT_POWERS[key]))
+        return self._randomized(name, tensor, grown, tensor.new_zeros)
 
     def grow_step(self, name: str, step: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameter `name`'s Adam step for each grown tensor: 0 where all entries are new."""
@@ -111,8 +131,8 @@ class Growth:
 
     def new_entries(self, name: str) -> dict[str, torch.Tensor]:
         """For each tensor grown from parameter `name`, a bool mask of its new entries."""
-        shape = self._shape_of(name)
-        carried = self._grow(name, torch.ones(shape, dtype=torch.bool), AgeValues())
+        old = torch.ones(self._shape_of(name), dtype=torch.bool)
+        carried = self._randomized(name, old, self._grow(name, old, AgeValues()), old.new_zeros)
         return {new_name: ~mask.bool() for new_name, mask in carried.items()}
 
     def output_shapes(self, name: str) -> dict[str, torch.Size]:
@@ -162,6 +182,31 @@ class Growth:
                 f"({tuple(expected)}) that this growth was built for"
             )
         return self.op.grow(name, tensor, values, self.ctx)
+
+    def _randomized(
+        self,
+        name: str,
+        tensor: torch.Tensor,
+        grown: dict[str, torch.Tensor],
+        fresh: Callable[[torch.Size], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """`grown` itself under `init = "operator"`. Under "random", only its names and shapes
+        count: a grown tensor that carries old entries becomes `tensor` in its leading block and
+        `fresh` elsewhere, one made only of new entries (a new layer) is all `fresh`. For weights
+        `fresh` is random (READ) or 1 (GAIN), for moments and masks 0: old entries keep their
+        Adam state, new ones start from none."""
+        if self.init == "operator":
+            return grown
+        ones = torch.ones(self._shape_of(name), dtype=torch.bool)
+        holds_old = {n: bool(m.any()) for n, m in self._grow(name, ones, AgeValues()).items()}
+        block = tuple(slice(0, size) for size in tensor.shape)
+        randomized = {}
+        for new_name, t in grown.items():
+            new = fresh(t.shape)
+            if holds_old[new_name]:
+                new[block] = tensor
+            randomized[new_name] = new
+        return randomized
 
     def _shape_of(self, name: str) -> torch.Size:
         if name not in self._old_shapes:

@@ -29,7 +29,12 @@ def plan_growth(cfg: GrowthConfig, args: ArborArgs) -> list[Growth]:
     plan = []
     for i, stage in enumerate(cfg.stages):
         growth = Growth.create(
-            stage.op, args, stage.params, seed=cfg.seed + i, where=f"growth.stages[{i}]"
+            stage.op,
+            args,
+            stage.params,
+            seed=cfg.seed + i,
+            where=f"growth.stages[{i}]",
+            init=cfg.init,
         )
         plan.append(growth)
         args = growth.new_args

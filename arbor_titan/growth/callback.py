@@ -23,6 +23,7 @@ from arbor_titan.distributed.init import barrier
 from arbor_titan.growth.build import build_schedule, plan_growth
 from arbor_titan.growth.checkpoint import grow_checkpoint
 from arbor_titan.growth.config import GrowthConfig
+from arbor_titan.growth.rewarmup import Rewarmup
 from arbor_titan.models.arbor.args import ArborArgs, resolve_args
 
 if TYPE_CHECKING:
@@ -35,10 +36,13 @@ class GrowthCallback(Callback):
     def __init__(self, cfg: GrowthConfig):
         self.cfg = cfg
         self.schedule = build_schedule(cfg)
+        self.rewarmup = Rewarmup(cfg.rewarmup_steps)
 
     def on_model_args(self, trainer: "Trainer", args: ArborArgs) -> ArborArgs:
         # Registered before the checkpoint is loaded, so a resume restores the stages applied.
         trainer.checkpoint_extras["growth_schedule"] = self.schedule
+        if self.cfg.rewarmup_steps:  # only then, so older checkpoints still resume
+            trainer.checkpoint_extras["growth_rewarmup"] = self.rewarmup
         return args
 
     def on_train_start(self, trainer: "Trainer") -> None:
@@ -62,6 +66,7 @@ class GrowthCallback(Callback):
             cfg.training.seed,
         )
         self.fixed_batch = list(loader.val_batches(1))
+        self.rewarmup.apply(trainer.lr_scheduler)  # a resume inside a ramp keeps ramping
 
     def on_step_end(self, trainer: "Trainer") -> None:
         step = trainer.state.step
@@ -95,6 +100,7 @@ class GrowthCallback(Callback):
         if trainer.proc.is_main:
             shutil.rmtree(after)
         self.schedule.mark_applied()
+        self.rewarmup.begin(step, trainer.lr_scheduler)
         loss_after = trainer.evaluate(self.fixed_batch)
         trainer.metrics.log_event(step, "growth", {
             "op": self.cfg.stages[stage].op,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from arbor_titan.config.fields import REQUIRED, option
 
+INITS = ("operator", "random")
+
 
 @dataclass
 class GrowthStage:
@@ -42,9 +44,23 @@ class GrowthConfig:
     )
     schedule_params: dict = option({}, "The schedule's parameters, e.g. { window = 200 }.")
     seed: int = option(0, "Seed of the new random entries; stage i uses seed + i.")
+    init: str = option(
+        "operator",
+        "'operator': grown values as each operator makes them (function-preserving for exact "
+        "operators); 'random': only the operators' shapes — old tensors kept in their leading "
+        "block, every other entry fresh (the control arm of scripts/bench_growth.py).",
+    )
     stages: list[GrowthStage] = option([], "Growth stages in step order ([[growth.stages]]).")
+    rewarmup_steps: int = option(
+        0,
+        "After each stage, ramp the lr from ~0 back to its schedule over this many steps "
+        "(0: no ramp); see clone_width's note on Adam.",
+        ge=0,
+    )
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"growth.init must be one of {INITS}, got {self.init!r}")
         if self.enable and not self.stages:
             raise ValueError("growth.enable is true but no [[growth.stages]] are given")
         for i in range(1, len(self.stages)):

@@ -34,6 +34,10 @@ FIELDS: dict[str, _Field] = {
     "tokens_per_second": _Field("throughput/tokens_per_second", "tok/s", ",.0f"),
     "mfu": _Field("throughput/mfu", "mfu", ".1%"),
     "memory_gib": _Field("memory/gib", "mem", ".2f", " GiB"),
+    "memory_reserved_gib": _Field("memory/reserved_gib", "reserved", ".2f", " GiB"),
+    "memory_fraction": _Field("memory/fraction_of_capacity", "of capacity", ".0%"),
+    "alloc_retries": _Field("memory/alloc_retries", "alloc retries", ".0f"),
+    "ooms": _Field("memory/ooms", "ooms", ".0f"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Built-in inference: a static-KV-cache engine with continuous batching, registered as the
-`inference_engine` plugin "static_kv"; `scripts/generate.py` and `scripts/serve.py` use it."""
+"""Built-in inference: a paged-KV-cache engine with continuous batching, registered as the
+`inference_engine` plugin "paged_kv"; `scripts/generate.py` and `scripts/serve.py` use it."""
 
-from plugins.inference import engine  # noqa: F401 - registers "static_kv"
+from plugins.inference import engine  # noqa: F401 - registers "paged_kv"

@@ -1,9 +1,12 @@
-"""The generation engine: continuous batching over a static KV cache.
+"""The generation engine: continuous batching over a paged KV cache.
 
-Each `step()` admits waiting requests into free cache slots (one prefill each, which also yields
-their first token), then advances every running request by one token in a single batched decode
-call. Finished requests free their slot immediately. The engine depends only on the
-`CachedForward` protocol; `create_engine` builds one for an Arbor model.
+Each `step()` admits waiting requests, in arrival order, into free slots while the cache has
+blocks for them (a request the cache can't hold yet waits): one prefill each, of the prompt past
+any prefix cached already, which also yields their first token. Then it advances every running
+request by one token in a single batched decode call over the running requests only (a lone
+request decodes at the batch-1 speed whatever the number of slots). Finished requests free their
+slot and blocks immediately. The engine depends only on the `CachedForward` protocol;
+`create_engine` builds one for an Arbor model.
 """
 
 import logging
@@ -18,8 +21,10 @@ import torch
 from arbor_titan.models.arbor.model import Transformer
 from arbor_titan.registry import register
 from plugins.inference.decoder import ArborCachedForward, CachedForward
+from plugins.inference.kv_cache import BLOCK_SIZE
 from plugins.inference.sampling import SamplingParams, make_generator, sample
 from plugins.inference.scheduler import SlotScheduler
+from plugins.inference.tensor_parallel import local
 from plugins.inference.text_stream import TextStream
 
 logger = logging.getLogger("arbor_titan")
@@ -28,6 +33,20 @@ logger = logging.getLogger("arbor_titan")
 # many), so the few distinct lengths keep compiled and CUDA-graph variants few while a short
 # sequence in a long cache reads only its own keys.
 MIN_KEYS_LEN = 64
+
+
+def batch_buckets(slots: int) -> tuple[int, ...]:
+    """The batch sizes a compiled decode runs at: powers of two below `slots`, and `slots`. A
+    step pads its live rows up to the next one, so CUDA graphs stay few (one per bucket and
+    attended length) while a lone request pays for one row, not `slots`."""
+    return (*(1 << i for i in range((slots - 1).bit_length()) if 1 << i < slots), slots)
+
+
+def _static_batch(*inputs_b: torch.Tensor) -> None:
+    """Keep the batch size of a compiled decode's inputs static: a graph per bucket. (A
+    symbolic batch size made the compiled CPU step 2x slower than eager, measured.)"""
+    for tensor in inputs_b:
+        torch._dynamo.mark_static(tensor, 0)
 
 
 class TextTokenizer(Protocol):
@@ -63,7 +82,8 @@ class Request:
 class EngineStats:
     """Where the time went; compile time is kept apart from generation time."""
 
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # computed; prompt positions found cached are not
+    cached_prompt_tokens: int = 0
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_steps: int = 0
@@ -86,9 +106,12 @@ class Engine:
         self.forward, self.tokenizer, self.device = forward, tokenizer, torch.device(device)
         self.stats = EngineStats()
         self._decode = forward.decode
+        self._buckets: tuple[int, ...] | None = None  # compiled batch sizes; None: exact
+        self._warm_up_due = False
         self._scheduler: SlotScheduler[Request] = SlotScheduler(forward.slots)
         self._tokens = [0] * forward.slots  # the token each slot feeds next
         self._positions = [0] * forward.slots  # where that token's key/value goes
+        self._cached = [0] * forward.slots  # prompt positions cached when the slot was assigned
 
     @property
     def slots(self) -> int:
@@ -110,34 +133,54 @@ class Engine:
         return self._scheduler.busy
 
     def compile(self) -> None:
-        """Compile the decode step as one graph and run it (timed in `stats.compile_s`); fall
-        back to eager, with a warning, if compilation fails. Call before any request.
-
-        The attended length varies (see `keys_len`): the warm-up runs the two shortest, so the
-        second compiles a graph with a symbolic length that serves all the longer ones too and
-        no request waits for a compile. (Warming up with the whole cache instead would
-        specialize that graph to it: a full-length `narrow` is a special case.)"""
+        """Compile the decode step as one graph per batch bucket, at the warm-up (see
+        `warm_up`). Call before any request."""
         if self.has_work():
             raise RuntimeError("compile the engine before submitting requests")
+        self._warm_up_due = True
+
+    def warm_up(self) -> None:
+        """Compile the decode step and run it at every shape it will meet (timed in
+        `stats.compile_s`), on the calling thread: the thread that will step the engine, since
+        CUDA graphs are recorded and kept per thread. Falls back to eager, with a warning, if
+        compilation fails. `step` calls it if nobody did; a no-op without `compile()`.
+
+        Shapes are each batch bucket at each attended length (see `keys_len`). The two shortest
+        lengths come first, so the second compiles a graph with a symbolic length that serves
+        the longer ones (warming up with the whole cache first would specialize it: a
+        full-length `narrow` is a special case); on CUDA each shape runs three times, as CUDA
+        graph trees warm up, record, then replay."""
+        if not self._warm_up_due:
+            return
+        self._warm_up_due = False
         mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
         compiled = torch.compile(self.forward.decode, fullgraph=True, mode=mode)
+        calls_per_shape = 3 if self.device.type == "cuda" else 1
         start = time.perf_counter()
         try:
             # Inputs made as `step` makes them (distinct tensors, under inference mode), else the
-            # first real step fails the guards and compiles again.
+            # first real step fails the guards and compiles again. Writes position 0 of slots
+            # that are all free.
             with torch.inference_mode():
-                tokens_b, positions_b = (
-                    torch.zeros(self.slots, dtype=torch.long, device=self.device) for _ in "tp"
-                )
-                # Writes position 0 of every slot, all free.
-                for keys_len in sorted({self.keys_len(1), self.keys_len(MIN_KEYS_LEN + 1)}):
-                    compiled(tokens_b, positions_b, keys_len)
+                for batch in batch_buckets(self.slots):
+                    slots_b = torch.arange(batch, device=self.device)
+                    tokens_b, positions_b = (torch.zeros_like(slots_b) for _ in "tp")
+                    _static_batch(slots_b, tokens_b, positions_b)
+                    for keys_len in self.attended_lengths():
+                        for _ in range(calls_per_shape):
+                            compiled(slots_b, tokens_b, positions_b, keys_len)
         except Exception as err:  # noqa: BLE001 - any compiler failure means: stay eager
             logger.warning("torch.compile of the decode step failed, running eager: %s", err)
             return
         finally:
             self.stats.compile_s = time.perf_counter() - start
-        self._decode = compiled
+        self._decode, self._buckets = compiled, batch_buckets(self.slots)
+        logger.info(
+            "compiled the decode step in %.1fs on thread %r (batch sizes %s)",
+            self.stats.compile_s,
+            threading.current_thread().name,
+            self._buckets,
+        )
 
     def submit(
         self,
@@ -165,6 +208,11 @@ class Engine:
             else list(prompt)
         )
         self.check_prompt(ids)
+        if not self.forward.can_hold(self._positions_needed(len(ids), params)):
+            raise ValueError(
+                f"a prompt of {len(ids)} tokens with max_new_tokens={params.max_new_tokens} "
+                "needs more KV cache than the whole cache holds"
+            )
         return Request(ids, params, on_update)
 
     def enqueue(self, request: Request) -> None:
@@ -175,6 +223,13 @@ class Engine:
         """How many cache positions a decode step attends over, for sequences `positions_in_use`
         long at most: the next power of two, at least `MIN_KEYS_LEN`, at most the cache."""
         return min(self.max_len, max(MIN_KEYS_LEN, 1 << (positions_in_use - 1).bit_length()))
+
+    def attended_lengths(self) -> list[int]:
+        """Every value `keys_len` takes, shortest first."""
+        lengths = [self.keys_len(1)]
+        while lengths[-1] < self.max_len:
+            lengths.append(self.keys_len(lengths[-1] + 1))
+        return lengths
 
     def check_prompt(self, ids: Sequence[int]) -> None:
         """Raise ValueError when a prompt can't run: empty, too long, or an unknown token id."""
@@ -190,12 +245,13 @@ class Engine:
 
     def step(self) -> None:
         """Admit waiting requests into free slots, then decode one token for every running one."""
+        self.warm_up()
         with torch.inference_mode():
             for slot, request in list(self._scheduler.running.items()):
                 if request.cancelled:
                     self._finish(slot, request, "cancelled", "")
-            for slot, request in self._scheduler.admit():
-                self._start(slot, request)
+            while (admitted := self._scheduler.admit_next(self._assign)) is not None:
+                self._start(*admitted)
             if self._scheduler.running:
                 self._decode_step()
 
@@ -222,6 +278,19 @@ class Engine:
 
     # -- internals (engine thread only)
 
+    def _positions_needed(self, prompt_len: int, params: SamplingParams) -> int:
+        """Cache positions a request fills: its prompt and every generated token but the last
+        (never fed back), within the slot's `max_len`."""
+        return min(prompt_len + params.max_new_tokens - 1, self.max_len)
+
+    def _assign(self, slot: int, request: Request) -> bool:
+        needed = self._positions_needed(len(request.prompt_ids), request.params)
+        cached = self.forward.assign(slot, request.prompt_ids, needed)
+        if cached is None:
+            return False
+        self._cached[slot] = cached
+        return True
+
     def _start(self, slot: int, request: Request) -> None:
         if request.cancelled:
             self._finish(slot, request, "cancelled", "")
@@ -236,48 +305,63 @@ class Engine:
         start = time.perf_counter()
         try:
             prompt_s = torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device)
-            logits_v = self.forward.prefill(prompt_s, slot)
+            logits_v = self.forward.prefill(prompt_s, slot, self._cached[slot])
             token = sample(logits_v, params, request._generator, request._seen_v)
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the others
             self._fail(slot, request, err)
             return
         self.stats.prefill_s += time.perf_counter() - start
-        self.stats.prefill_tokens += len(request.prompt_ids)
+        self.stats.prefill_tokens += len(request.prompt_ids) - self._cached[slot]
+        self.stats.cached_prompt_tokens += self._cached[slot]
         self._positions[slot] = len(request.prompt_ids)
         self._accept(slot, request, token)
 
     def _decode_step(self) -> None:
         start = time.perf_counter()
-        tokens_b = torch.tensor(self._tokens, dtype=torch.long, device=self.device)
-        positions_b = torch.tensor(self._positions, dtype=torch.long, device=self.device)
-        running = list(self._scheduler.running.items())
-        keys_len = self.keys_len(1 + max(self._positions[slot] for slot, _ in running))
-        logits_bv = self._decode(tokens_b, positions_b, keys_len)
+        running = sorted(self._scheduler.running.items())
+        rows = [slot for slot, _ in running]
+        if self._buckets is not None:  # pad with copies of the last row, dropped below
+            rows += rows[-1:] * (next(b for b in self._buckets if b >= len(rows)) - len(rows))
+        slots_b, tokens_b, positions_b = (
+            torch.tensor(values, dtype=torch.long, device=self.device)
+            for values in (
+                rows,
+                [self._tokens[s] for s in rows],
+                [self._positions[s] for s in rows],
+            )
+        )
+        keys_len = self.keys_len(1 + max(self._positions[slot] for slot in rows))
+        if self._buckets is not None:
+            _static_batch(slots_b, tokens_b, positions_b)
+        logits_bv = self._decode(slots_b, tokens_b, positions_b, keys_len)
         chosen = self._choose(logits_bv, running)
         self.stats.decode_s += time.perf_counter() - start
         self.stats.decode_steps += 1
         self.stats.decode_tokens += len(running)
-        for slot, request in running:
+        for (slot, request), token in zip(running, chosen):
             self._positions[slot] += 1
-            if isinstance(chosen[slot], Exception):
-                self._fail(slot, request, chosen[slot])
+            if isinstance(token, Exception):
+                self._fail(slot, request, token)
             else:
-                self._accept(slot, request, chosen[slot])
+                self._accept(slot, request, token)
 
     def _choose(
         self, logits_bv: torch.Tensor, running: list[tuple[int, Request]]
-    ) -> dict[int, int | Exception]:
-        """Next token per running slot: greedy rows in one batched argmax, the rest one by one
-        (a row that can't be sampled, e.g. NaN logits, gets its exception instead)."""
-        greedy = [slot for slot, r in running if r.params.greedy]
-        chosen = dict(zip(greedy, logits_bv[greedy].argmax(-1).tolist())) if greedy else {}
-        for slot, r in running:
-            if slot not in chosen:
+    ) -> list[int | Exception]:
+        """Next token per running request (row b of the logits is `running[b]`): greedy rows in
+        one batched argmax, the rest one by one (a row that can't be sampled, e.g. NaN logits,
+        gets its exception instead)."""
+        greedy = [row for row, (_, r) in enumerate(running) if r.params.greedy]
+        chosen: dict[int, int | Exception] = (
+            dict(zip(greedy, logits_bv[greedy].argmax(-1).tolist())) if greedy else {}
+        )
+        for row, (_, r) in enumerate(running):
+            if row not in chosen:
                 try:
-                    chosen[slot] = sample(logits_bv[slot], r.params, r._generator, r._seen_v)
+                    chosen[row] = sample(logits_bv[row], r.params, r._generator, r._seen_v)
                 except Exception as err:  # noqa: BLE001 - fails this request only
-                    chosen[slot] = err
-        return chosen
+                    chosen[row] = err
+        return [chosen[row] for row in range(len(running))]
 
     def _fail(self, slot: int, request: Request, err: Exception) -> None:
         logger.warning("request failed: %s: %s", type(err).__name__, err)
@@ -309,8 +393,7 @@ class Engine:
     def _finish(self, slot: int | None, request: Request, reason: str, delta: str) -> None:
         if slot is not None:
             self._scheduler.release(slot)
-            # A free slot still decodes (fixed shapes): keep its writes inside the cache.
-            self._tokens[slot] = self._positions[slot] = 0
+            self.forward.release(slot)
         request.finish_reason = reason
         if request._stream is not None:
             request.text = request._stream.text
@@ -319,7 +402,7 @@ class Engine:
         request.done.set()
 
 
-@register("inference_engine", "static_kv")
+@register("inference_engine", "paged_kv")
 def create_engine(
     model: Transformer,
     tokenizer: TextTokenizer,
@@ -327,12 +410,24 @@ def create_engine(
     max_len: int,
     compile: bool = False,
     pack_weights: bool = True,
+    kv_cache_bytes: int | None = None,
 ) -> Engine:
-    """An engine for an Arbor model: `slots` sequences of up to `max_len` tokens each.
+    """An engine for an Arbor model: up to `slots` sequences of up to `max_len` tokens each, in
+    a KV cache of `kv_cache_bytes` (default: room for every slot's `max_len` positions).
     `pack_weights`: bf16/fp16 on CPU decode from a second copy of the weights in oneDNN's
     blocked layout (see matvec.py); False saves that memory."""
-    forward = ArborCachedForward(model, slots, max_len, pack_weights)
+    blocks = None if kv_cache_bytes is None else kv_cache_bytes // kv_block_bytes(model)
+    if blocks is not None and blocks < 1:
+        raise ValueError(f"a KV cache of {kv_cache_bytes} bytes holds no block")
+    forward = ArborCachedForward(model, slots, max_len, pack_weights, blocks)
     engine = Engine(forward, tokenizer, model.tok_embeddings.weight.device)
     if compile:
         engine.compile()
     return engine
+
+
+def kv_block_bytes(model: Transformer) -> int:
+    """Bytes of one KV-cache block of this process's share of the model, over all layers."""
+    args, weight = model.args, next(iter(model.layers.values())).attention.wk.weight
+    kv_heads = local(weight).shape[0] // args.head_dim
+    return 2 * args.n_layers * kv_heads * BLOCK_SIZE * args.head_dim * weight.dtype.itemsize

@@ -29,15 +29,20 @@ from arbor_titan.checkpoint.folders import (
     complete_checkpoints,
     read_model_args,
 )
-from arbor_titan.checkpoint.hf import CONFIG_JSON, args_from_hf_config, read_hf_tensors
+from arbor_titan.checkpoint.hf import (
+    CONFIG_JSON,
+    args_from_hf_config,
+    folder_tokenizer,
+    read_hf_tensors,
+)
 from arbor_titan.checkpoint.stateful import ModelState
 from arbor_titan.config.loader import ConfigError
-from arbor_titan.data.tokenizer import Tokenizer
+from arbor_titan.data.tokenizer import Tokenizer, load_tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.model import Transformer
 from arbor_titan.registry import PluginError
 from plugins.inference import tensor_parallel
-from plugins.inference.rope import RopeOverride, context_length, rope_table
+from plugins.inference.rope import RopeOverride, context_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a bad path, file, --engine name or RoPE scaling raises; scripts report these as one-line
@@ -110,13 +115,14 @@ def load_model(
     model = _empty_model(args, device, mesh)
     fill(model)
     model.to(dtype=dtype).eval()
-    # Buffers aren't saved; the model's own forward gets a table for every position the model
+    # The model's own forward evaluates a length-dependent scaling for every position the model
     # is meant for, its scaling's extension included.
-    model.rope_cache = rope_table(model.args, context_length(model.args)).to(device)
-    tokenizer_file = Path(tokenizer) if tokenizer else args_file.parent / TOKENIZER_FILE
+    model.rope_length = context_length(model.args)
+    found = folder_tokenizer(args_file.parent) or args_file.parent / TOKENIZER_FILE
+    tokenizer_file = Path(tokenizer) if tokenizer else found
     if not tokenizer_file.is_file():
         raise FileNotFoundError(f"{tokenizer_file}: missing tokenizer (pass --tokenizer PATH)")
-    return LoadedModel(model, Tokenizer(tokenizer_file), path)
+    return LoadedModel(model, load_tokenizer(tokenizer_file), path)
 
 
 def _args_file(model_args: Path | None, default_dir: Path) -> Path:

@@ -90,6 +90,11 @@ class LockstepEngine:
     def waiting(self) -> int:
         return self.engine.waiting + len(self._pending)
 
+    def warm_up(self) -> None:
+        """The engine's warm-up, which every process runs before its first orders (a compiled
+        tensor-parallel decode meets in collectives)."""
+        self.engine.warm_up()
+
     def has_work(self) -> bool:
         """Always: `step` waits for work itself, sending idle orders while it waits."""
         return True
@@ -154,6 +159,7 @@ class LockstepEngine:
 def follow(engine: Engine, group: dist.ProcessGroup) -> None:
     """Run `engine` as process 0's `LockstepEngine` orders, until it closes."""
     replicas = _Replicas(engine)
+    engine.warm_up()  # as process 0's engine loop does first
     while True:
         received = [None]
         dist.broadcast_object_list(received, src=0, group=group)

@@ -1,8 +1,12 @@
-"""The OpenAI-compatible request and response shapes, independent of the web framework.
+"""The OpenAI-compatible request and response bodies, as pydantic models.
 
-Requests are validated field by field so every mistake becomes a 4xx with the OpenAI error body
-`{"error": {"message", "type", "param", "code"}}` naming the field. Besides OpenAI's fields the
-server takes `top_k` and `repetition_penalty` (vLLM's names).
+Every mistake in a request becomes a 4xx with the OpenAI error body
+`{"error": {"message", "type", "param", "code"}}` naming the field. Unknown fields are refused,
+and so are OpenAI's fields this server does not implement when set to anything but their no-op
+default (`n`, `best_of`, `echo`, `suffix`, `logprobs`, `top_logprobs`, `logit_bias`,
+`presence_penalty`, `frequency_penalty`): a 400 names them, nothing is silently ignored. Besides
+OpenAI's fields the server takes `top_k`, `repetition_penalty` and `ignore_eos` (vLLM's names;
+the last makes benchmarks generate exactly `max_tokens`).
 
 Chat template (documented for users; the base model was not trained on chat, so it is plain
 text a base model can continue):
@@ -16,7 +20,9 @@ user's next one.
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from plugins.inference.sampling import SamplingParams
 
@@ -41,14 +47,124 @@ class APIError(Exception):
         self.code, self.type = code, type_
 
     def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorBody(error=detail).model_dump()
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# -- requests
+
+
+class _Strict(BaseModel):
+    """Types as JSON gives them (no "1" for 1, no true for 1) and no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationBody(_Strict):
+    """The fields completions and chat share."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch's generator range
+    ignore_eos: bool = False
+    stop: Any = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # OpenAI's fields this server accepts only at their no-op defaults (see `unsupported`).
+    n: int = 1
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, stop: Any) -> list[str]:
+        stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError("stop must be a non-empty string or a list of them")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings")
+        return stop
+
+    def unsupported(self) -> list[str]:
+        """The fields set to something this server does not implement."""
+        defaults = {"n": 1, "logit_bias": (None, {}), "presence_penalty": 0, "frequency_penalty": 0}
+        return [name for name, ok in defaults.items() if not _is(getattr(self, name), ok)]
+
+
+class CompletionBody(_GenerationBody):
+    """`POST /v1/completions`: prompt is a string, a one-string list, or a list of token ids."""
+
+    prompt: Any
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> str | list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        is_ids = isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)
+        if not isinstance(prompt, str) and not is_ids:
+            raise ValueError("prompt must be a string or a list of token ids (one per request)")
+        return prompt
+
+    def unsupported(self) -> list[str]:
+        defaults = {"echo": False, "best_of": (None, 1), "suffix": None, "logprobs": None}
+        ours = [name for name, ok in defaults.items() if not _is(getattr(self, name), ok)]
+        return super().unsupported() + ours
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Any
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, content: Any) -> str:
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            return "".join(p["text"] for p in content)
+        raise ValueError("content must be a string or a list of text parts")
+
+
+class ChatBody(_GenerationBody):
+    """`POST /v1/chat/completions`: messages rendered with the chat template above."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def unsupported(self) -> list[str]:
+        defaults = {"logprobs": False, "top_logprobs": None}
+        ours = [name for name, ok in defaults.items() if not _is(getattr(self, name), ok)]
+        return super().unsupported() + ours
 
 
 @dataclass
@@ -64,165 +180,148 @@ class GenerationRequest:
 
 
 def parse_completion(body: Any) -> GenerationRequest:
-    """`POST /v1/completions`: prompt is a string, a one-string list, or a list of token ids."""
-    body = _object(body)
-    prompt = _required(body, "prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    is_ids = isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt)
-    if not isinstance(prompt, str) and not is_ids:
-        raise APIError(
-            400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt"
-        )
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported", "echo")
-    if body.get("best_of") not in (None, 1):
-        raise APIError(400, "only best_of=1 is supported", "best_of")
-    if body.get("logprobs") is not None:
-        raise APIError(400, "logprobs is not supported", "logprobs")
-    return _generation(body, prompt, default_max_tokens=16, extra_stop=())
+    request = _validate(CompletionBody, body)
+    return _generation(request, request.prompt, request.max_tokens or 16, extra_stop=())
 
 
 def parse_chat(body: Any) -> GenerationRequest:
-    """`POST /v1/chat/completions`: messages rendered with the chat template above."""
-    body = _object(body)
-    messages = _required(body, "messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list", "messages")
-    parts = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise APIError(400, f"{where} must be an object", where)
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise APIError(
-                400, f"{where}.role must be one of {sorted(CHAT_ROLES)}", f"{where}.role"
-            )
-        parts.append(f"{CHAT_ROLES[role]}: {_content(message.get('content'), where)}\n\n")
-    prompt = "".join(parts) + f"{CHAT_ROLES['assistant']}:"
-    return _generation(body, prompt, default_max_tokens=None, extra_stop=(CHAT_STOP,))
+    request = _validate(ChatBody, body)
+    prompt = "".join(f"{CHAT_ROLES[m.role]}: {m.content}\n\n" for m in request.messages)
+    prompt += f"{CHAT_ROLES['assistant']}:"
+    max_tokens = request.max_completion_tokens or request.max_tokens
+    return _generation(request, prompt, max_tokens, extra_stop=(CHAT_STOP,))
 
 
-def _content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise APIError(
-        400, f"{where}.content must be a string or a list of text parts", f"{where}.content"
-    )
+B = TypeVar("B", bound=_GenerationBody)
+
+
+def _validate(model: type[B], body: Any) -> B:
+    """The body as `model`, or an APIError naming the first bad field (and every unsupported
+    one)."""
+    try:
+        request = model.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = _param(first["loc"])
+        code = "missing_required_parameter" if first["type"] == "missing" else None
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field {param!r}"
+        raise APIError(400, f"{param}: {message}" if param else message, param, code) from None
+    unsupported = request.unsupported()
+    if unsupported:
+        raise APIError(
+            400,
+            f"not supported by this server: {', '.join(unsupported)} (leave them unset)",
+            unsupported[0],
+            "unsupported_parameter",
+        )
+    return request
 
 
 def _generation(
-    body: dict, prompt: str | list[int], default_max_tokens: int | None, extra_stop: tuple[str, ...]
+    request: _GenerationBody,
+    prompt: str | list[int],
+    max_tokens: int | None,
+    extra_stop: tuple[str, ...],
 ) -> GenerationRequest:
-    if _number(body, "n", 1, integer=True) != 1:
-        raise APIError(400, "only n=1 is supported", "n")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    fill_context = body.get(key) is None and default_max_tokens is None
-    max_tokens = _number(body, key, default_max_tokens or 1, integer=True, low=1)
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings", "stop")
-    seed = _number(body, "seed", None, integer=True, low=0, high=2**63 - 1)  # torch's range
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "stream must be a boolean", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options must be an object", "stream_options")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise APIError(400, "model must be a string", "model")
     params = SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, low=0, high=2),
-        top_p=_number(body, "top_p", 1.0, low=0, high=1, low_open=True),
-        top_k=_number(body, "top_k", 0, integer=True, low=0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0, low_open=True),
-        seed=seed,
-        stop=(*stop, *extra_stop),
+        max_new_tokens=max_tokens or 1,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        stop=(*request.stop, *extra_stop),
+        ignore_eos=request.ignore_eos,
     )
+    options = request.stream_options or StreamOptions()
     return GenerationRequest(
-        prompt, params, stream, bool(options.get("include_usage")), model, fill_context
+        prompt, params, request.stream, options.include_usage, request.model, max_tokens is None
     )
 
 
-def _object(body: Any) -> dict:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    return body
+def _param(loc: tuple) -> str | None:
+    """Pydantic's error location as OpenAI names a field: `messages[0].role`."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else part
+    return text or None
 
 
-def _required(body: dict, name: str) -> Any:
-    if body.get(name) is None:
-        raise APIError(400, f"missing required field {name!r}", name, "missing_required_parameter")
-    return body[name]
+def _is(value: Any, allowed: Any) -> bool:
+    return value in allowed if isinstance(allowed, tuple) else value == allowed
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(
-    body: dict,
-    name: str,
-    default: float | None,
-    integer: bool = False,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    ok_type = _is_int(value) if integer else _is_int(value) or isinstance(value, float)
-    if not ok_type:
-        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        bounds = f"{'>' if low_open else '>='} {low}" if low is not None else ""
-        bounds += f"{' and ' if bounds else ''}<= {high}" if high is not None else ""
-        raise APIError(400, f"{name}={value} is out of range (must be {bounds})", name)
-    return value
-
-
 # -- responses
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatDelta | None = None
+    delta: ChatDelta | None = None
+    finish_reason: str | None
+
+
+class _Response(BaseModel):
+    id: str
+    object: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    usage: Usage | None = None
+
+
+class CompletionResponse(_Response):
+    choices: list[CompletionChoice]
+
+
+class ChatResponse(_Response):
+    choices: list[ChatChoice]
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
 
 
 def completion_body(
-    rid: str, model: str, text: str, finish: str | None, usage_: dict | None, chunk: bool
+    rid: str, model: str, text: str, finish: str | None, usage_: Usage | None, chunk: bool
 ) -> dict:
     """A text completion, or one streamed chunk of it (same object type, as OpenAI streams)."""
-    body = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-    }
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+    choice = CompletionChoice(text=text, finish_reason=finish)
+    body = CompletionResponse(
+        id=rid, object="text_completion", model=model, choices=[choice], usage=usage_
+    )
+    return _dump(body, chunk)
 
 
 def chat_body(
@@ -230,24 +329,33 @@ def chat_body(
     model: str,
     text: str,
     finish: str | None,
-    usage_: dict | None,
+    usage_: Usage | None,
     chunk: bool,
     first: bool = False,
 ) -> dict:
     """A chat completion, or a `chat.completion.chunk` whose delta carries the new text."""
     if chunk:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
-        choice = {"index": 0, "delta": delta if text or first else {}, "finish_reason": finish}
+        delta = ChatDelta(
+            role="assistant" if first else None, content=text if text or first else None
+        )
+        choice = ChatChoice(delta=delta, finish_reason=finish)
     else:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": finish}
-    body = {
-        "id": rid,
-        "object": "chat.completion.chunk" if chunk else "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
-    if usage_ is not None or not chunk:
-        body["usage"] = usage_
-    return body
+        choice = ChatChoice(message=ChatDelta(role="assistant", content=text), finish_reason=finish)
+    kind = "chat.completion.chunk" if chunk else "chat.completion"
+    return _dump(
+        ChatResponse(id=rid, object=kind, model=model, choices=[choice], usage=usage_), chunk
+    )
+
+
+def _dump(body: _Response, chunk: bool) -> dict:
+    """OpenAI's shape: a chunk has `usage` only when it carries it, a whole body always; a
+    choice has either `message` or `delta`, whose unset fields are left out."""
+    data = body.model_dump(exclude={"usage"} if chunk and body.usage is None else set())
+    for choice in data["choices"]:
+        for key in ("message", "delta"):
+            if key in choice:
+                if choice[key] is None:
+                    del choice[key]
+                else:
+                    choice[key] = {k: v for k, v in choice[key].items() if v is not None}
+    return data

@@ -9,13 +9,18 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample as greedy: a token 0.001 below the top logit already has
+# e^-100 of its probability there, and far smaller temperatures overflow `logits / temperature`
+# to inf, whose softmax is NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled and when it stops."""
 
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 is greedy (argmax)
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW) is greedy (argmax)
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0  # 1 keeps every token
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the prompt or output
@@ -40,7 +45,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Plain argmax: the engine takes all such rows of a step in one batched argmax."""
-        return self.temperature == 0 and self.repetition_penalty == 1.0
+        return self.temperature < GREEDY_BELOW and self.repetition_penalty == 1.0
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
@@ -61,7 +66,7 @@ def sample(
             logits_v > 0, logits_v / params.repetition_penalty, logits_v * params.repetition_penalty
         )
         logits_v = torch.where(seen_v, penalized, logits_v)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits_v.argmax())
     logits_v = logits_v / params.temperature
     if 0 < params.top_k < logits_v.shape[0]:

@@ -7,6 +7,7 @@ next step instead of waiting for the whole batch to end.
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
@@ -26,15 +27,16 @@ class SlotScheduler(Generic[R]):
         with self._lock:
             self._waiting.append(request)
 
-    def admit(self) -> list[tuple[int, R]]:
-        """Move waiting requests into free slots; return the new (slot, request) pairs."""
-        admitted = []
+    def admit_next(self, place: Callable[[int, R], bool]) -> tuple[int, R] | None:
+        """Move the first waiting request into a free slot if `place(slot, request)` finds it
+        room (the KV memory); return the new (slot, request) pair, or None. One at a time, so a
+        request is prefilled (and its prompt's blocks shared) before the next is placed."""
         with self._lock:
-            while self._free and self._waiting:
-                slot, request = self._free.pop(), self._waiting.popleft()
-                self.running[slot] = request
-                admitted.append((slot, request))
-        return admitted
+            if not (self._free and self._waiting and place(self._free[-1], self._waiting[0])):
+                return None
+            slot, request = self._free.pop(), self._waiting.popleft()
+            self.running[slot] = request
+        return slot, request
 
     def drain(self) -> list[R]:
         """Remove and return every waiting request."""

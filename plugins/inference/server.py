@@ -12,15 +12,17 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from plugins.inference.metrics import ServerMetrics
 from plugins.inference.openai_api import (
     APIError,
     GenerationRequest,
@@ -33,6 +35,7 @@ from plugins.inference.openai_api import (
 )
 from plugins.inference.service import EngineLoop, EngineStopped
 
+DISCONNECT_POLL_S = 0.25
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -49,16 +52,7 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="arbor_titan", docs_url=None, redoc_url=None, openapi_url=None)
     metrics, engine, created = loop.metrics, loop.engine, int(time.time())
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable) -> Response:
-        endpoint = request.url.path if request.url.path in _ENDPOINTS else "other"
-        try:
-            response = await call_next(request)
-        except Exception:
-            metrics.requests.inc(endpoint=endpoint, status="500")
-            raise
-        metrics.requests.inc(endpoint=endpoint, status=str(response.status_code))
-        return response
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -83,9 +77,9 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
         return JSONResponse({"status": "error", "error": loop.error or "stopped"}, 503)
 
     @app.get("/metrics")
-    async def metrics_text() -> PlainTextResponse:
+    async def metrics_text() -> Response:
         metrics.queue_length.set(engine.waiting)
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
@@ -150,12 +144,11 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            while True:
-                _, finish = await updates.get()
-                if finish is not None:
-                    break
+            finish = await _finish_unless_disconnected(request, updates)
         finally:
-            req.cancelled = not req.done.is_set()
+            req.cancelled = not req.done.is_set()  # frees the slot of a client that left
+        if finish is None:
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
         if finish == "error":
             raise APIError(500, req.error or "generation failed", None, None, "server_error")
         build = chat_body if chat else completion_body
@@ -187,6 +180,52 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
             req.cancelled = not req.done.is_set()  # the client went away mid-stream
 
     return app
+
+
+class _CountRequests:
+    """Counts every HTTP response by endpoint and status (500 for an exception). Plain ASGI, not
+    `BaseHTTPMiddleware`: that one wraps `receive` so handlers no longer see a client leave."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+async def _finish_unless_disconnected(request: Request, updates: asyncio.Queue) -> str | None:
+    """The finish reason once generation ends, or None as soon as the client has gone (checked
+    every `DISCONNECT_POLL_S`: uvicorn does not cancel a handler whose client left)."""
+
+    async def finished() -> str:
+        while (finish := (await updates.get())[1]) is None:
+            pass
+        return finish
+
+    async def client_left() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    finish, leave = asyncio.ensure_future(finished()), asyncio.ensure_future(client_left())
+    await asyncio.wait((finish, leave), return_when=asyncio.FIRST_COMPLETED)
+    finish.cancel()
+    leave.cancel()
+    return finish.result() if finish.done() and not finish.cancelled() else None
 
 
 def _sse(payload: dict) -> str:

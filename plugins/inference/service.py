@@ -1,7 +1,8 @@
 """The engine in one background thread: callers (HTTP handlers) only submit requests.
 
-One thread owns the model and the cache, stepping the engine while any request runs or waits
-and sleeping otherwise. If a step raises, the loop records the error, fails every pending
+One thread owns the model and the cache: it first warms the engine up (a compiled decode's CUDA
+graphs belong to the thread that records them), then steps it while any request runs or waits
+and sleeps otherwise. If a step raises, the loop records the error, fails every pending
 request so no caller waits forever, and stops; `/health` then reports 503.
 """
 
@@ -83,6 +84,7 @@ class EngineLoop:
     def _run(self) -> None:
         message = "the server is shutting down"
         try:
+            self.engine.warm_up()
             while not self._stop.is_set():
                 if not self.engine.has_work():
                     self._wake.wait(timeout=0.5)

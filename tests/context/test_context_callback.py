@@ -17,7 +17,6 @@ from arbor_titan.context.schedule import ContextSchedule, ContextShape
 from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
 from arbor_titan.distributed.pipeline import stage_module
 from arbor_titan.models.arbor import FLAVORS, Transformer
-from arbor_titan.models.arbor.model import rope_table
 
 
 def trainer_with(parallelism: ParallelismConfig, context: ContextConfig, val_seq_len: int = 0):
@@ -72,16 +71,15 @@ def test_every_micro_batch_must_split_into_pipeline_microbatches():
         check(stages(128, 256, keep_tokens=True), PP)
 
 
-def test_pipeline_stages_see_the_models_new_rope_table():
+def test_pipeline_stages_rotate_by_their_new_args():
+    """set_context gives every part the new args; a stage (a shallow copy of the model) then
+    computes RoPE under the new scaling while the model it was cut from keeps its own."""
     args = FLAVORS["debug"]
     model = Transformer(args)
-    parts = [
-        stage_module(model, range(0, 2), True, False),
-        stage_module(model, range(2, 4), False, True),
-    ]
-    model.rope_cache = rope_table(replace(args, rope_scaling={"type": "linear", "factor": 2.0}))
-    # A stage is a shallow copy: it shares the model's buffer dict, so one assignment reaches all.
-    assert all(part.rope_cache is model.rope_cache for part in parts)
+    stage = stage_module(model, range(2, 4), False, True)
+    stage.args = replace(args, rope_scaling={"type": "linear", "factor": 2.0})
+    scaled, plain = stage.rope_frequencies()[0], model.rope_frequencies()[0]
+    assert scaled.allclose(plain / 2)
 
 
 class DoublingSchedule(ContextSchedule):

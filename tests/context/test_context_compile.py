@@ -11,7 +11,6 @@ from torch._dynamo.testing import CompileCounter
 
 from arbor_titan.distributed.compile import compile_blocks
 from arbor_titan.models.arbor import FLAVORS, Transformer
-from arbor_titan.models.arbor.model import rope_table
 
 # (seq_len, batch) of a warmup then stages with keep_tokens_per_step: 512 tokens a micro-batch.
 SHAPES = [(32, 16), (64, 8), (96, 4), (128, 4), (256, 2), (64, 8)]
@@ -42,7 +41,7 @@ def test_a_handful_of_lengths_compiles_each_block_twice(counter):
     for i, (seq_len, batch) in enumerate(SHAPES):
         if i == 3:  # a stage's new scaling: a new table of the same shape
             scaled = dataclasses.replace(args, rope_scaling={"type": "linear", "factor": 2.0})
-            model.rope_cache = rope_table(scaled)
+            model.args = scaled
         tokens = torch.randint(0, args.vocab_size, (batch, seq_len))
         model(tokens).float().mean().backward()
         graphs.append(counter.frame_count)

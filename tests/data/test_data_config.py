@@ -7,7 +7,10 @@ from arbor_titan.data.config import check_data_config
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"source": "txt"}, "data.source must be one of 'stdlib', 'text', 'jsonl', got 'txt'"),
+        (
+            {"source": "txt"},
+            "data.source must be one of 'stdlib', 'text', 'jsonl', 'parquet', 'hf_disk', got 'txt'",
+        ),
         ({"source": "text"}, "data.paths must name files or globs when data.source = 'text'"),
         ({"paths": ["a.txt"]}, "data.paths must be empty when data.source = 'stdlib'"),
         ({"source": "jsonl", "paths": ["a"], "text_field": ""}, "data.text_field must not be"),

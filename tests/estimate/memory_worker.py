@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from arbor_titan.config.cli import load_config
 from arbor_titan.distributed.build import build_model
+from arbor_titan.distributed.context_parallel import ContextParallel
 from arbor_titan.distributed.init import init_distributed, shutdown
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.models.arbor import resolve_args
@@ -86,6 +87,10 @@ def measure(overrides: list[str], world_size: int, device: torch.device) -> dict
     model = build_model(cfg, dims, args, cross_entropy_loss, device).model
     optimizer = build_optimizer(model, cfg.optimizer)
     tokens = torch.randint(0, VOCAB, (cfg.training.local_batch_size, cfg.training.seq_len + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    context_parallel = ContextParallel.from_dims(dims)
+    if context_parallel is not None:  # this rank's chunks, as the trainer feeds them
+        inputs, labels = context_parallel.shard(inputs), context_parallel.shard(labels)
     params = list(model.parameters())
 
     def exclude() -> set[int]:
@@ -97,7 +102,7 @@ def measure(overrides: list[str], world_size: int, device: torch.device) -> dict
     )
     probe = LiveStorages(exclude, track_peak=world_size == 1)
     with precision, probe:
-        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        loss = cross_entropy_loss(model(inputs), labels)
         held = probe.live_bytes()
         loss.backward()
     del loss

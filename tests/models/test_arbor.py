@@ -13,6 +13,7 @@ from arbor_titan.models.arbor import (
     count_params,
     resolve_args,
 )
+from arbor_titan.models.arbor.rope import rope_cos_sin, rope_cos_sin_at
 
 
 def analytic_count(a: ArborArgs) -> int:
@@ -87,7 +88,11 @@ def test_lifecycle_initializes_every_parameter_and_rope():
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all(), name
         assert param.abs().sum() > 0, name
-    assert torch.allclose(model.rope_cache[0, 0], torch.ones(model.args.head_dim))
+    # RoPE is computed per position, equal to the rows of the full table.
+    args = model.args
+    positions = torch.tensor([0, 5, args.max_seq_len - 1])
+    table = rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta)
+    assert torch.equal(rope_cos_sin_at(positions, *model.rope_frequencies()), table[:, positions])
 
 
 def test_tied_output_shares_the_embedding():

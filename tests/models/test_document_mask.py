@@ -16,7 +16,7 @@ from arbor_titan.data.config import DataConfig, check_data_config
 from arbor_titan.distributed.compile import compile_blocks
 from arbor_titan.models.arbor import ArborArgs, Transformer, masking
 from arbor_titan.models.arbor.masking import document_inputs
-from arbor_titan.models.arbor.rope import apply_rope
+from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin_at
 from tests.conftest import losses, run_training
 
 BOS, EOS, VOCAB = 1, 2, 64
@@ -76,7 +76,7 @@ def reference_logits(model: Transformer, tokens_s: torch.Tensor, positions_s: to
     """One document alone, the model's math written out: plain causal attention over its own
     tokens, RoPE at `positions_s`."""
     seq_len, head_dim = tokens_s.shape[0], model.args.head_dim
-    cos_sin = model.rope_cache[:, positions_s][:, None]  # (2, 1, seq, head_dim)
+    cos_sin = rope_cos_sin_at(positions_s, *model.rope_frequencies())[:, None]  # (2,1,seq,hd)
     h_bsd = model.tok_embeddings(tokens_s[None])
     for block in model.layers.values():
         attn, x_bsd = block.attention, block.attention_norm(h_bsd)

@@ -109,7 +109,7 @@ def test_loads_a_checkpoint_saved_by_fsdp_x_tp_training(dump_folder):
 def test_unknown_engine_lists_the_registered_ones(checkpoint, capsys):
     argv = ["--checkpoint", str(checkpoint), "--prompt", "x", "--engine", "nope", *GREEDY]
     assert generate.main(argv) == 2
-    assert "static_kv" in capsys.readouterr().err
+    assert "paged_kv" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -188,6 +188,19 @@ def test_bad_rope_flags_are_one_line_errors(checkpoint, flags, named, capsys):
     assert named in err and err.count("\n") == 1, err
     if "unknown" in named:
         assert all(name in err for name in ("dynamic_ntk", "linear", "llama3", "ntk", "yarn"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--max-new-tokens", "10000000000"], "the KV cache for prompts 1 × --max-new-tokens"),
+    ],
+)
+def test_sizes_that_cannot_run_are_one_line_errors(checkpoint, flags, named, capsys):
+    assert generate.main(["--checkpoint", str(checkpoint), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"generate.py: error: {named}") and err.count("\n") == 1, err
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """scripts/serve.py as a user runs it: a subprocess on 127.0.0.1 that answers, checks its API key,
 and shuts down cleanly on SIGTERM; and under torchrun, tensor parallel over two processes."""
 
+import json
 import os
 import signal
 import socket
@@ -72,6 +73,25 @@ def test_unknown_rope_scaling_is_a_one_line_error(tmp_path: Path, capsys):
     assert "yarn" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+        (["--max-len", "65"], "--max-len 65 is past the model's context of 64 tokens"),
+        (["--max-batch", "10000000"], "the KV cache for --max-batch 10000000 × --max-len 64"),
+        (["--kv-cache-gib", "0.00001"], "--kv-cache-gib 1e-05 holds 16 positions, less than"),
+        (["--kv-cache-gib", "100000"], "the KV cache for --kv-cache-gib 64 needs 100000.0 GiB"),
+    ],
+)
+def test_sizes_that_cannot_run_are_one_line_errors(tmp_path: Path, flags, named, capsys):
+    checkpoint = save_dcp_checkpoint(
+        random_model(tiny_args()), tmp_path / "step-1", train_tokenizer(tmp_path / "tok.model")
+    )
+    assert load_script("serve").main(["--checkpoint", str(checkpoint), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"serve.py: error: {named}") and err.count("\n") == 1, err
+
+
 @pytest.mark.slow
 def test_serve_under_torchrun_answers_as_one_process_would(tmp_path: Path):
     """Two processes split the model; process 0 serves and keeps the other in step. Three
@@ -124,3 +144,18 @@ def wait_until_healthy(server: subprocess.Popen, url: str, timeout: float = 90) 
         except httpx.TransportError:
             assert time.monotonic() < deadline, f"server did not start in {timeout} s"
             time.sleep(0.2)
+
+
+def test_bench_serve_quick_load_test_has_no_errors_and_writes_its_plot(tmp_path: Path):
+    command = [sys.executable, str(REPO / "scripts/bench_serve.py"), "--quick", "--threads", "1"]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    levels = json.loads((tmp_path / "bench_serve.json").read_text())["levels"]
+    assert [(level["clients"], level["requests"], level["errors"]) for level in levels] == [
+        (1, 2, 0),
+        (4, 8, 0),
+    ]
+    assert all(level["ttft_p50_ms"] > 0 and level["itl_p99_ms"] > 0 for level in levels)
+    assert (tmp_path / "bench_serve.png").read_bytes().startswith(b"\x89PNG")

@@ -5,6 +5,7 @@ model is sharded before any of it touches real memory.
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +14,20 @@ from torch import nn
 from arbor_titan.models.arbor.args import ArborArgs
 from arbor_titan.models.arbor.init import init_seeded_, normal, trunc_normal
 from arbor_titan.models.arbor.masking import AttentionMask, attention, document_mask
-from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin
+from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin_at, rope_frequencies
+
+if TYPE_CHECKING:
+    from arbor_titan.distributed.context_parallel import ContextParallel
+    from arbor_titan.models.arbor.loss import ChunkedLoss
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention, optionally within documents (see masking.py)."""
+    """Grouped-query causal self-attention, optionally within documents (see masking.py).
+
+    Under context parallelism (`context_parallel` set by parallelize) the local queries attend
+    over the keys and values of the whole sequence, gathered from the cp group."""
+
+    context_parallel: "ContextParallel | None" = None
 
     def __init__(self, args: ArborArgs):
         super().__init__()
@@ -36,7 +46,8 @@ class Attention(nn.Module):
         k_bshd = self.wk(x_bsd).view(bsz, seq_len, -1, self.head_dim)
         v_bshd = self.wv(x_bsd).view(bsz, seq_len, -1, self.head_dim)
         q_bshd, k_bshd = apply_rope(q_bshd, cos_sin), apply_rope(k_bshd, cos_sin)
-        out_bhsd = attention(
+        attend = attention if self.context_parallel is None else self.context_parallel.attention
+        out_bhsd = attend(
             q_bshd.transpose(1, 2), k_bshd.transpose(1, 2), v_bshd.transpose(1, 2), mask
         )
         return self.wo(out_bhsd.transpose(1, 2).reshape(bsz, seq_len, -1))
@@ -100,7 +111,23 @@ class Transformer(nn.Module):
     Layers live in a ModuleDict keyed by their index so pipeline stages can drop the layers they
     don't own and keep the original names (checkpoints then reshard across stage splits).
     Embedding, final norm and output may be None on pipeline stages that don't hold them.
+
+    RoPE's cos/sin are computed each forward for the positions the tokens hold (no table of
+    `max_seq_len` rows: at 2M tokens it would take GiBs on every rank). Under context
+    parallelism the tokens are this rank's chunks of each sequence (see
+    distributed/context_parallel.py): RoPE positions and the attention masks follow the global
+    positions those chunks hold.
     """
+
+    context_parallel: "ContextParallel | None" = None
+    # Ranks the residual stream's sequence is split over between blocks (tensor parallel's
+    # sequence parallel): a later pipeline stage receives only its shard of the hidden state.
+    sequence_shards: int = 1
+    # The length length-dependent RoPE scalings (dynamic NTK) are evaluated for; None is
+    # `args.max_seq_len` (inference sets the context length its KV cache will reach).
+    rope_length: int | None = None
+    # Set by build_model when `training.loss_chunk_len` asks for the loss in chunks.
+    chunked_loss: "ChunkedLoss | None" = None
 
     def __init__(self, args: ArborArgs):
         super().__init__()
@@ -116,41 +143,60 @@ class Transformer(nn.Module):
         self.output = (
             None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         )
-        self.register_buffer(
-            "rope_cache",
-            rope_table(args),
-            persistent=False,
-        )
 
     def forward(
         self,
         tokens_bs: torch.Tensor,
         document_ids_bs: torch.Tensor | None = None,
         positions_bs: torch.Tensor | None = None,
+        labels_bs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h_bsd = self.tok_embeddings(tokens_bs) if self.tok_embeddings is not None else tokens_bs
+        """Logits; with `labels_bs` (under a chunked loss) the mean loss, computed without
+        materializing the whole sequence's logits."""
+        first_stage = self.tok_embeddings is not None
+        seq_len = tokens_bs.shape[1] * (1 if first_stage else self.sequence_shards)
+        h_bsd = self.tok_embeddings(tokens_bs) if first_stage else tokens_bs
+        cp, device = self.context_parallel, h_bsd.device
         # Built once per forward and shared by every layer.
-        mask = None if document_ids_bs is None else document_mask(document_ids_bs)
-        cos_sin = self.rope_cache if positions_bs is None else self.rope_cache[:, positions_bs]
+        if cp is not None:
+            mask = cp.masks(seq_len, document_ids_bs, device)
+            positions = cp.local_index(seq_len, device) if positions_bs is None else positions_bs
+        else:
+            mask = None if document_ids_bs is None else document_mask(document_ids_bs)
+            positions = (
+                torch.arange(seq_len, device=device) if positions_bs is None else positions_bs
+            )
+        cos_sin = rope_cos_sin_at(positions, *self.rope_frequencies())
         for layer in self.layers.values():
             h_bsd = layer(h_bsd, cos_sin, mask)
         if self.norm is not None:
             h_bsd = self.norm(h_bsd)
+        if labels_bs is not None:
+            if self.chunked_loss is None:
+                raise ValueError("labels reach the model only under training.loss_chunk_len")
+            return self.chunked_loss(h_bsd, self.project, labels_bs)
+        return self.project(h_bsd)
+
+    def project(self, h_bsd: torch.Tensor) -> torch.Tensor:
+        """Hidden states → logits (unchanged on pipeline stages without the output)."""
         if self.output is not None:
             return self.output(h_bsd)
         if self.args.tie_embeddings and self.tok_embeddings is not None:
             return F.linear(h_bsd, self.tok_embeddings.weight)
         return h_bsd
 
-    @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None, seed: int = 0) -> None:
-        """Initialize every parameter and recompute the RoPE buffer (lost by `to_empty`).
-
-        A parameter's values depend on `seed` and its name only, so every sharding and
-        pipeline split of the model starts from the same weights."""
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        """RoPE's inverse frequencies and attention factor under the args' scaling, read from
+        the args at every call so a new scaling (a context schedule's stage) takes effect."""
         args = self.args
-        buffer_device = buffer_device or self.rope_cache.device
-        self.rope_cache = rope_table(args).to(buffer_device)
+        length = self.rope_length or args.max_seq_len
+        return rope_frequencies(args.head_dim, length, args.rope_theta, args.rope_scaling)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter. A parameter's values depend on `seed` and its name only,
+        so every sharding and pipeline split of the model starts from the same weights."""
+        args = self.args
         init_std = 0.02
         residual_std = init_std / math.sqrt(2 * args.n_layers)
         if self.tok_embeddings is not None:
@@ -163,11 +209,6 @@ class Transformer(nn.Module):
             self.norm.reset_parameters()
         if self.output is not None:
             init_seeded_(self.output.weight, trunc_normal(init_std), seed, "output.weight")
-
-
-def rope_table(args: ArborArgs) -> torch.Tensor:
-    """The model's cos/sin table: `max_seq_len` positions under the args' RoPE scaling."""
-    return rope_cos_sin(args.head_dim, args.max_seq_len, args.rope_theta, args.rope_scaling)
 
 
 def count_params(model: nn.Module) -> int:

@@ -79,6 +79,33 @@ def check_rope_scaling(settings: Mapping[str, Any] | None, where: str = "rope_sc
     build_rope_scaling(settings, where)
 
 
+def rope_frequencies(
+    head_dim: int, length: int, theta: float, scaling: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, float]:
+    """float64 inverse frequencies (head_dim // 2,) and the attention factor of a scaling, for
+    a model of `length` positions (only length-dependent scalings read it)."""
+    plugin = build_rope_scaling(scaling)
+    if plugin is None:
+        return plain_inv_freq(head_dim, theta), 1.0
+    inv_freq = plugin.inv_freq(head_dim, theta, length).to(torch.float64)
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(
+            f"rope_scaling {scaling_name(scaling)!r} returned inverse frequencies of shape "
+            f"{tuple(inv_freq.shape)}, expected ({head_dim // 2},)"
+        )
+    return inv_freq, plugin.attention_factor(head_dim, theta)
+
+
+def rope_cos_sin_at(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float) -> torch.Tensor:
+    """fp32 cos/sin of shape (2, *positions.shape, head_dim) for just these positions: memory
+    grows with the tokens held, not with the longest length the model supports. The angles are
+    float64 so positions in the millions keep fp32-exact tables."""
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float64)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return (torch.stack([angles.cos(), angles.sin()]) * factor).float()
+
+
 def rope_cos_sin(
     head_dim: int, length: int, theta: float, scaling: Mapping[str, Any] | None = None
 ) -> torch.Tensor:
@@ -87,20 +114,8 @@ def rope_cos_sin(
     The rotate-half layout (the first half of each head pairs with the second) is the one
     Hugging Face Llama checkpoints use, so weights move between the two without permutation.
     """
-    plugin = build_rope_scaling(scaling)
-    if plugin is None:
-        inv_freq, factor = plain_inv_freq(head_dim, theta), 1.0
-    else:
-        inv_freq = plugin.inv_freq(head_dim, theta, length).to(torch.float64)
-        factor = plugin.attention_factor(head_dim, theta)
-        if inv_freq.shape != (head_dim // 2,):
-            raise ValueError(
-                f"rope_scaling {scaling_name(scaling)!r} returned inverse frequencies of shape "
-                f"{tuple(inv_freq.shape)}, expected ({head_dim // 2},)"
-            )
-    angles_sd = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    angles_sd = torch.cat([angles_sd, angles_sd], dim=-1)
-    return (torch.stack([angles_sd.cos(), angles_sd.sin()]) * factor).float()
+    inv_freq, factor = rope_frequencies(head_dim, length, theta, scaling)
+    return rope_cos_sin_at(torch.arange(length), inv_freq, factor)
 
 
 def apply_rope(x_bshd: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from arbor_titan.data.tokenizer import Tokenizer
+from arbor_titan.data.tokenizer import Tokenizer, load_tokenizer
 from arbor_titan.models.arbor.model import Transformer
 from plugins.inference.loading import LoadedModel, load_model
 from tests.plugins.inference.tiny import (
@@ -33,7 +33,7 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path) -> Tokenizer:
-    return Tokenizer(tokenizer_path)
+    return load_tokenizer(tokenizer_path)
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,10 @@ import torch
 from arbor_titan.models.arbor.rope import rope_cos_sin
 from plugins.inference.decoder import ArborCachedForward
 from plugins.inference.rope import rope_table
-from tests.plugins.inference.tiny import random_model, tiny_args
+from tests.plugins.inference.tiny import prefill, random_model, tiny_args
 
 TOL = 1e-4  # fp32; measured differences are ~1e-6
+ONE = torch.tensor([0])  # slot 0 alone
 
 
 def reference_logits(model, tokens_s):
@@ -33,10 +34,10 @@ def test_prefill_then_decode_matches_full_forward_at_every_step(changes):
         0, model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(1)
     )
     with torch.no_grad():
-        logits = forward.prefill(tokens[:7], slot=0)
+        logits = prefill(forward, tokens[:7], slot=0)
         assert (logits - reference_logits(model, tokens[:7])).abs().max() < TOL
         for pos in range(7, 40):
-            logits = forward.decode(tokens[pos : pos + 1], torch.tensor([pos]))[0]
+            logits = forward.decode(ONE, tokens[pos : pos + 1], torch.tensor([pos]))[0]
             assert (logits - reference_logits(model, tokens[: pos + 1])).abs().max() < TOL, pos
 
 
@@ -49,9 +50,9 @@ def test_slots_at_different_positions_decode_independently(tiny_model):
     lengths = torch.tensor([3, 11, 1])
     with torch.no_grad():
         for slot, length in enumerate(lengths.tolist()):
-            forward.prefill(tokens[slot, :length], slot)
+            prefill(forward, tokens[slot, :length], slot)
         for _ in range(12):
-            logits = forward.decode(tokens[torch.arange(3), lengths], lengths)
+            logits = forward.decode(torch.arange(3), tokens[torch.arange(3), lengths], lengths)
             for slot in range(3):
                 expected = reference_logits(tiny_model, tokens[slot, : lengths[slot] + 1])
                 assert (logits[slot] - expected).abs().max() < TOL
@@ -62,11 +63,11 @@ def test_attending_over_the_used_prefix_of_the_cache_gives_the_same_logits(tiny_
     forward = ArborCachedForward(tiny_model, slots=2, max_len=64)
     tokens = torch.randint(0, tiny_model.args.vocab_size, (2, 20), generator=torch.Generator())
     with torch.no_grad():
-        forward.prefill(tokens[0, :9], 0)
-        forward.prefill(tokens[1, :4], 1)
+        prefill(forward, tokens[0, :9], 0)
+        prefill(forward, tokens[1, :4], 1)
         positions = torch.tensor([9, 4])
         for keys_len in (10, 16, None):  # just enough, rounded up, the whole cache
-            logits = forward.decode(tokens[:, 10], positions, keys_len)
+            logits = forward.decode(torch.arange(2), tokens[:, 10], positions, keys_len)
             for slot in range(2):
                 expected = reference_logits(
                     tiny_model, torch.cat([tokens[slot, : positions[slot]], tokens[slot, 10:11]])
@@ -91,9 +92,10 @@ def test_a_reused_slot_forgets_its_previous_sequence(tiny_model):
     forward = ArborCachedForward(tiny_model, slots=1, max_len=16)
     long, short = torch.arange(10, 22), torch.arange(30, 33)
     with torch.no_grad():
-        forward.prefill(long, 0)
-        forward.prefill(short, 0)
-        logits = forward.decode(torch.tensor([40]), torch.tensor([3]))[0]
+        prefill(forward, long, 0)
+        forward.release(0)
+        prefill(forward, short, 0)
+        logits = forward.decode(ONE, torch.tensor([40]), torch.tensor([3]))[0]
     expected = reference_logits(tiny_model, torch.tensor([30, 31, 32, 40]))
     assert (logits - expected).abs().max() < TOL
 
@@ -106,15 +108,15 @@ def test_rope_table_extends_past_the_training_length():
     model = random_model(args)
     forward = ArborCachedForward(model, slots=1, max_len=100)
     with torch.no_grad():
-        forward.prefill(torch.arange(1, 60), 0)
-        logits = forward.decode(torch.tensor([5]), torch.tensor([59]))
+        prefill(forward, torch.arange(1, 60), 0)
+        logits = forward.decode(ONE, torch.tensor([5]), torch.tensor([59]))
     assert torch.isfinite(logits).all()
 
 
 def test_cache_holds_kv_heads_only(tiny_model):
-    """GQA: the cache stores n_kv_heads (2), not n_heads (4): half the bytes of full heads.
-    (Each slot has one spare position past max_len: see ArborCachedForward.)"""
+    """GQA: the cache stores n_kv_heads (2), not n_heads (4): half the bytes of full heads. By
+    default the pool has a static cache's room: a 16-position block per slot here."""
     forward = ArborCachedForward(tiny_model, slots=3, max_len=16)
     keys, values = forward.cache.layer(0)
-    assert keys.shape == values.shape == (3, 2, 17, 16)
-    assert forward.cache.nbytes == 2 * 2 * 3 * 2 * 17 * 16 * 4  # layers, k+v, slots, kv, len, hd
+    assert keys.shape == values.shape == (3, 16, 2, 16)  # blocks, positions, kv heads, head_dim
+    assert forward.cache.nbytes == 2 * 2 * 3 * 2 * 16 * 16 * 4  # layers, k+v, blocks, ..., fp32

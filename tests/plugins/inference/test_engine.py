@@ -1,12 +1,15 @@
 """The engine: batching and continuous batching change nothing in a request's output; sampling
 is reproducible per request; generation stops at EOS, stop strings, max tokens, a full cache."""
 
+import threading
+
 import pytest
 import torch
 
 from arbor_titan import registry
-from plugins.inference.engine import Engine, create_engine
+from plugins.inference.engine import Engine, batch_buckets, create_engine
 from plugins.inference.sampling import SamplingParams
+from plugins.inference.service import EngineLoop
 from tests.plugins.inference.tiny import random_model, tiny_args
 
 PROMPTS = ["def f(x):\n    return", "import", "class Point:\n    def __init__(self, x, y):\n"]
@@ -85,6 +88,7 @@ class ScriptedForward:
 
     def __init__(self, slots, max_len, script):
         self.slots, self.max_len, self.script = slots, max_len, script
+        self.batch_sizes = []  # rows of each decode call
 
     def _one_hot(self, positions):
         logits = torch.zeros(len(positions), self.vocab_size)
@@ -92,13 +96,23 @@ class ScriptedForward:
             logits[row, token] = 1.0 if token >= 0 else float("nan")  # -1: a broken row
         return logits
 
-    def prefill(self, tokens_s, slot):
+    def assign(self, slot, prompt, positions):
+        return 0
+
+    def can_hold(self, positions):
+        return True
+
+    def release(self, slot):
+        pass
+
+    def prefill(self, tokens_s, slot, start):
         if 99 in tokens_s.tolist():
             raise RuntimeError("poisoned prompt")
         return self._one_hot([len(tokens_s)])[0]
 
-    def decode(self, tokens_b, positions_b, keys_len):
-        assert positions_b.max() < keys_len <= self.max_len  # every slot's keys are attended
+    def decode(self, slots_b, tokens_b, positions_b, keys_len):
+        assert positions_b.max() < keys_len <= self.max_len  # every row's keys are attended
+        self.batch_sizes.append(len(slots_b))
         return self._one_hot([p + 1 for p in positions_b.tolist()])
 
 
@@ -169,20 +183,82 @@ def test_decode_attends_over_the_used_positions_rounded_up_to_a_power_of_two(loa
     assert short.keys_len(1) == short.keys_len(40) == 40
 
 
-def test_registered_as_static_kv_engine():
-    assert registry.get("inference_engine", "static_kv") is create_engine
+def test_registered_as_paged_kv_engine():
+    assert registry.get("inference_engine", "paged_kv") is create_engine
+
+
+def test_each_step_decodes_the_running_requests_only(tokenizer):
+    """A lone request on a 4-slot engine decodes one row, whatever the slots (eager: exact)."""
+    engine = scripted_engine(tokenizer, letters(), slots=4)
+    engine.generate([[1, 3]], SamplingParams(max_new_tokens=4))
+    assert engine.forward.batch_sizes == [1, 1, 1]
+    engine.forward.batch_sizes.clear()
+    engine.generate([[1, 3], [1, 3]], [SamplingParams(max_new_tokens=n) for n in (2, 4)])
+    assert engine.forward.batch_sizes == [2, 1, 1]
+
+
+def test_batch_buckets_are_powers_of_two_up_to_the_slots():
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(8) == (1, 2, 4, 8)
+    assert batch_buckets(6) == (1, 2, 4, 6)
+
+
+class RecordingCompiler:
+    """`torch.compile` replaced by a wrapper that runs the function eagerly and records each
+    call's thread and batch size: where the warm-up runs, without a real compile's minutes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, fn, **options):
+        def compiled(slots_b, *rest):
+            self.calls.append((threading.current_thread().name, len(slots_b)))
+            return fn(slots_b, *rest)
+
+        return compiled
+
+
+def test_compiled_warm_up_runs_on_the_engine_loop_thread(loaded, monkeypatch):
+    """CUDA graphs are kept per thread: every warm-up shape runs where the server steps."""
+    compiler = RecordingCompiler()
+    monkeypatch.setattr(torch, "compile", compiler)
+    engine = create_engine(loaded.model, loaded.tokenizer, slots=4, max_len=64, compile=True)
+    assert compiler.calls == []  # nothing on the caller's thread
+    loop = EngineLoop(engine).start()
+    try:
+        request = loop.submit(PROMPTS[0], SamplingParams(max_new_tokens=3))
+        assert request.done.wait(30)
+    finally:
+        loop.stop()
+    warm_up = compiler.calls[:3]  # batch buckets 1, 2, 4 at the one attended length, 64
+    assert warm_up == [("engine-loop", 1), ("engine-loop", 2), ("engine-loop", 4)]
+    assert {thread for thread, _ in compiler.calls} == {"engine-loop"}
+    assert engine.stats.compile_s > 0
+
+
+def test_compiled_steps_pad_to_a_bucket_and_equal_each_alone(loaded, monkeypatch):
+    """Three live requests on a compiled 4-slot engine decode as 4 rows (a copy of the last
+    row pads them), yet each gets the tokens it gets alone."""
+    compiler = RecordingCompiler()
+    monkeypatch.setattr(torch, "compile", compiler)
+    engine = create_engine(loaded.model, loaded.tokenizer, slots=4, max_len=64, compile=True)
+    batched = engine.generate(PROMPTS, GREEDY)
+    assert [n for _, n in compiler.calls[3:]] == [4] * 11
+    for prompt, request in zip(PROMPTS, batched):
+        assert request.output_ids == alone(loaded, prompt, GREEDY).output_ids
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_matches_eager(tokenizer):
-    """Generation runs through attended lengths 64, 128 and 160 on the graphs compiled by the
-    warm-up (one for the shortest, one with a symbolic length), with no compile on the way."""
+    """Generation runs through attended lengths 64, 128 and 160 and batch sizes 2 then 1 on
+    the graphs compiled by the warm-up, with no compile on the way."""
     # One layer: a cold compile costs ~20-50 s per layer on 2 busy cores.
     model = random_model(tiny_args(n_layers=1))
     eager = create_engine(model, tokenizer, slots=2, max_len=160)
     compiled = create_engine(model, tokenizer, slots=2, max_len=160, compile=True)
+    compiled.warm_up()
     assert compiled.stats.compile_s > 0 and compiled._decode is not compiled.forward.decode
-    params = SamplingParams(max_new_tokens=150, ignore_eos=True)
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (60, 150)]
     expected = [r.output_ids for r in eager.generate(PROMPTS[:2], params)]
     assert max(len(ids) for ids in expected) > 128
     with torch._dynamo.config.patch(error_on_recompile=True):  # the warm-up graphs are reused

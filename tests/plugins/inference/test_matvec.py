@@ -9,7 +9,7 @@ from torch.profiler import profile
 from plugins.inference import matvec
 from plugins.inference.decoder import ArborCachedForward
 from plugins.inference.matvec import DecodeMatrix
-from tests.plugins.inference.tiny import random_model, tiny_args
+from tests.plugins.inference.tiny import prefill, random_model, tiny_args
 
 needs_onednn = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
@@ -78,15 +78,15 @@ def test_decode_through_onednn_matches_the_full_forward(monkeypatch, dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16: logits ~8, measured 0.03
     tokens = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator())
     with torch.no_grad():
-        forward.prefill(tokens[0, :5], 0)
-        forward.prefill(tokens[1, :9], 1)
+        prefill(forward, tokens[0, :5], 0)
+        prefill(forward, tokens[1, :9], 1)
         positions = torch.tensor([5, 9])
         for _ in range(8):
-            logits = forward.decode(tokens[torch.arange(2), positions], positions)
+            logits = forward.decode(torch.arange(2), tokens[torch.arange(2), positions], positions)
             for slot in range(2):
                 expected = model(tokens[slot, : positions[slot] + 1][None])[0, -1].float()
                 assert (logits[slot] - expected).abs().max() < tolerance
             positions += 1
     layers, matrices_per_layer = model.args.n_layers, 4  # qkv, wo, w1+w3, w2
-    calls = onednn_calls(lambda: forward.decode(tokens[:, 0], positions))
+    calls = onednn_calls(lambda: forward.decode(torch.arange(2), tokens[:, 0], positions))
     assert calls == layers * matrices_per_layer + 1  # and the output projection

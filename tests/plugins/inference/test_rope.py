@@ -9,7 +9,12 @@ import torch
 
 from arbor_titan import registry
 from arbor_titan.config.loader import ConfigError
-from arbor_titan.models.arbor.rope import RopeScaling, plain_inv_freq, rope_cos_sin
+from arbor_titan.models.arbor.rope import (
+    RopeScaling,
+    plain_inv_freq,
+    rope_cos_sin,
+    rope_frequencies,
+)
 from plugins.inference.decoder import ArborCachedForward
 from plugins.inference.loading import load_model
 from plugins.inference.rope import RopeOverride, context_length, rope_table
@@ -117,10 +122,11 @@ def test_bad_overrides_name_the_flag(checkpoint_scaling, override, named):
 def test_loaded_model_runs_its_own_forward_over_the_extended_length(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint, rope=RopeOverride("yarn", {"factor": 2.0}))
     assert loaded.args.rope_scaling == {**YARN, "factor": 2.0, "original_max_seq_len": 64}
-    assert loaded.model.rope_cache.shape[1] == 128
-    expected = rope_cos_sin(
+    assert loaded.model.rope_length == 128
+    expected = rope_frequencies(
         loaded.args.head_dim, 128, loaded.args.rope_theta, loaded.args.rope_scaling
     )
-    assert torch.equal(loaded.model.rope_cache, expected)
+    inv_freq, factor = loaded.model.rope_frequencies()
+    assert torch.equal(inv_freq, expected[0]) and factor == expected[1]
     with torch.no_grad():
         assert torch.isfinite(loaded.model(torch.arange(1, 121)[None])).all()

@@ -20,6 +20,12 @@ def test_greedy_is_argmax_and_temperature_samples_widely():
     assert len(draws(SamplingParams(temperature=5.0))) == 6
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan():
+    """1e-40 would overflow logits / temperature to inf (NaN probabilities): it means argmax."""
+    tiny = SamplingParams(temperature=1e-40)
+    assert tiny.greedy and draws(tiny, LOGITS * 1e3, n=3) == {0}
+
+
 def test_top_k_and_top_p_keep_only_the_most_likely():
     assert draws(SamplingParams(temperature=5.0, top_k=2)) == {0, 1}
     # softmax(LOGITS): 0.64, 0.23, 0.09, ...: top_p 0.8 needs the first two tokens, 0.5 one.
@@ -91,12 +97,29 @@ def test_stop_strings_cut_the_text_and_their_prefixes_wait():
     assert deltas[1:3] == ["", ""] and "".join(deltas) == "a\n\nb"
 
 
+def admit_all(scheduler, place=lambda slot, request: True):
+    admitted = []
+    while (pair := scheduler.admit_next(place)) is not None:
+        admitted.append(pair)
+    return admitted
+
+
 def test_scheduler_fills_free_slots_in_arrival_order():
     scheduler = SlotScheduler(2)
     for name in "abc":
         scheduler.enqueue(name)
-    assert scheduler.admit() == [(0, "a"), (1, "b")]
-    assert scheduler.admit() == [] and scheduler.waiting == 1
+    assert admit_all(scheduler) == [(0, "a"), (1, "b")]
+    assert admit_all(scheduler) == [] and scheduler.waiting == 1
     scheduler.release(0)
-    assert scheduler.admit() == [(0, "c")]
+    assert admit_all(scheduler) == [(0, "c")]
     assert scheduler.busy and scheduler.drain() == []
+
+
+def test_scheduler_admits_no_one_past_a_request_without_room():
+    """Arrival order holds: a request the cache can't hold yet stops the later ones too."""
+    scheduler = SlotScheduler(3)
+    for name in ("a", "big", "c"):
+        scheduler.enqueue(name)
+    assert admit_all(scheduler, lambda slot, request: request != "big") == [(0, "a")]
+    assert scheduler.waiting == 2
+    assert admit_all(scheduler) == [(1, "big"), (2, "c")]

@@ -123,6 +123,7 @@ def test_concurrent_requests_all_complete_with_their_own_outputs(client, loaded)
 
 
 TOO_LONG = "context_length_exceeded"
+UNSUPPORTED = "unsupported_parameter"
 WRONG_KEY = {"Authorization": "Bearer wrong"}
 
 
@@ -141,6 +142,11 @@ WRONG_KEY = {"Authorization": "Bearer wrong"}
         ({"json": {"prompt": "x", "model": "gpt-4"}}, 404, "model", "model_not_found"),
         ({"json": {"prompt": "x" * 5000}}, 413, None, "request_too_large"),
         ({"json": {"prompt": "x"}, "headers": WRONG_KEY}, 401, None, "invalid_api_key"),
+        ({"json": {"prompt": "x", "tempreature": 0}}, 400, "tempreature", None),
+        ({"json": {"prompt": "x", "max_tokens": "5"}}, 400, "max_tokens", None),
+        ({"json": {"prompt": "x", "logit_bias": {"5": 10}}}, 400, "logit_bias", UNSUPPORTED),
+        ({"json": {"prompt": "x", "n": 2}}, 400, "n", UNSUPPORTED),
+        ({"json": {"prompt": "x", "echo": True}}, 400, "echo", UNSUPPORTED),
     ],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
@@ -153,6 +159,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     assert (error["param"], error["code"]) == (param, code)
     assert client.get("/health").status_code == 200
     assert complete(client, "x", 2)
+
+
+def test_unsupported_fields_are_all_named_and_their_defaults_accepted(client):
+    body = {"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": 1, "logprobs": 2}
+    error = client.post("/v1/completions", json=body).json()["error"]
+    assert error["message"].startswith(
+        "not supported by this server: presence_penalty, frequency_penalty, logprobs"
+    )
+    no_ops = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    assert complete(client, "x", 2, **no_ops, logprobs=None, best_of=1)
+    chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": True}
+    response = client.post("/v1/chat/completions", json=chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+
+
+def test_a_vanishing_temperature_samples_greedily(client):
+    greedy = complete(client, PROMPTS[0], 6)
+    assert complete(client, PROMPTS[0], 6, temperature=1e-40) == greedy
 
 
 @pytest.mark.parametrize(
@@ -211,10 +235,19 @@ def test_metrics_parse_and_count_what_happened(client):
 class FailingForward:
     slots, max_len, vocab_size = 2, 32, 384
 
-    def prefill(self, tokens_s, slot):
+    def assign(self, slot, prompt, positions):
+        return 0
+
+    def can_hold(self, positions):
+        return True
+
+    def release(self, slot):
+        pass
+
+    def prefill(self, tokens_s, slot, start):
         return torch.zeros(self.vocab_size)
 
-    def decode(self, tokens_b, positions_b, keys_len):
+    def decode(self, slots_b, tokens_b, positions_b, keys_len):
         raise RuntimeError("device lost")
 
 
@@ -228,3 +261,27 @@ def test_a_dead_engine_loop_fails_requests_and_health(tokenizer):
         assert health.status_code == 503 and "device lost" in health.json()["error"]
         refused = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5})
         assert refused.status_code == 503
+
+
+class SlowForward(FailingForward):
+    """A forward whose decode steps take 20 ms: a long generation outlasts its client."""
+
+    max_len = 2048
+
+    def decode(self, slots_b, tokens_b, positions_b, keys_len):
+        time.sleep(0.02)
+        return torch.zeros(len(slots_b), self.vocab_size)
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_slot(tokenizer):
+    engine = Engine(SlowForward(), tokenizer, torch.device("cpu"))
+    loop = EngineLoop(engine).start()
+    body = {"prompt": "x", "max_tokens": 2000, "temperature": 0}  # 40 s if nobody cancels
+    with BackgroundServer(create_app(loop, ServerConfig())) as background:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{background.url}/v1/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0 and not engine.has_work()
+    loop.stop()

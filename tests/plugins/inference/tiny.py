@@ -74,3 +74,9 @@ def save_dcp_checkpoint(model: Transformer, folder: Path, tokenizer_path: Path) 
     (folder / "model_args.json").write_text(json.dumps(args_to_dict(model.args)))
     (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     return folder
+
+
+def prefill(forward, tokens_s: torch.Tensor, slot: int) -> torch.Tensor:
+    """Give `slot` room for the forward's whole length, then prefill it: last token's logits."""
+    assert forward.assign(slot, tokens_s.tolist(), forward.max_len) == 0
+    return forward.prefill(tokens_s, slot)

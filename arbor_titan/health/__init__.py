@@ -1,0 +1,7 @@
+"""Runs that heal themselves: skip non-finite updates, dump stacks on a hang, resume on restart."""
+
+from arbor_titan.health.nonfinite import NonFiniteError, NonFiniteGuard
+from arbor_titan.health.restart import log_restart_notice
+from arbor_titan.health.watchdog import HangWatchdog
+
+__all__ = ["HangWatchdog", "NonFiniteError", "NonFiniteGuard", "log_restart_notice"]

@@ -1,0 +1,140 @@
+"""Context parallelism: the load-balanced layout, the exact all-gather attention, and training
+losses equal to one process's under cp × FSDP2, and after a resume under cp × TP."""
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from arbor_titan.config.job import JobConfig
+from arbor_titan.config.loader import ConfigError
+from arbor_titan.context.build import build_context_schedule
+from arbor_titan.context.callback import check_layout
+from arbor_titan.context.config import ContextConfig
+from arbor_titan.distributed.context_parallel import ContextParallel, chunk_positions
+from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
+from arbor_titan.models.arbor.masking import document_sdpa_mask
+from tests.conftest import losses, run_training
+
+CP = "--parallelism.context_parallel_degree"
+
+
+def test_ranks_hold_a_head_and_a_tail_chunk_that_tile_the_sequence():
+    degree, chunk_len = 4, 3
+    held = [chunk_positions(rank, degree, chunk_len, torch.device("cpu")) for rank in range(4)]
+    assert held[0].tolist() == [0, 1, 2, 21, 22, 23]  # chunks 0 and 7 of 8
+    assert held[3].tolist() == [9, 10, 11, 12, 13, 14]  # chunks 3 and 4: the middle
+    assert sorted(torch.cat(held).tolist()) == list(range(2 * degree * chunk_len))
+    # Causal attention work (keys each query may see) is the same on every rank.
+    work = {int((positions + 1).sum()) for positions in held}
+    assert len(work) == 1
+
+
+def test_cp_ranks_join_the_fsdp_shards_and_the_world_size():
+    dims = ParallelDims.from_config(ParallelismConfig(context_parallel_degree=2), 8)
+    assert (dims.dp_shard, dims.cp, dims.dp) == (4, 2, 4)
+    assert ParallelDims.from_config(ParallelismConfig(context_parallel_degree=2), 2).fsdp_enabled
+    with pytest.raises(ValueError, match=r"replicate × cp × tp × pp"):
+        ParallelDims.from_config(ParallelismConfig(context_parallel_degree=4), 6)
+
+
+def test_context_schedule_lengths_must_split_into_cp_chunks():
+    parallelism = ParallelismConfig(context_parallel_degree=2)
+    table = [{"step": 10, "seq_len": 128}, {"step": 20, "seq_len": 130}]
+    context = ContextConfig(schedule="stages", schedule_params={"stages": table})
+    cfg = JobConfig(parallelism=parallelism, context=context)
+    trainer = SimpleNamespace(cfg=cfg, dims=ParallelDims.from_config(parallelism, 2))
+    schedule = build_context_schedule(context, seq_len=64, local_batch_size=4)
+    with pytest.raises(ConfigError, match=r"context.schedule: sequence length 130 .* 2 × "):
+        check_layout(schedule.shapes(), trainer)
+
+
+def _attention_worker(rank: int, world_size: int, init_file: str) -> None:
+    """Each rank attends its chunks with ContextParallel.attention; outputs and the gradients of
+    its queries, keys and values must equal those of full attention at its positions."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        cp = ContextParallel(dist.group.WORLD)
+        with pytest.raises(ValueError, match=r"training.seq_len=66 must be divisible by 2 × "):
+            cp.check_seq_len(66)
+        generator = torch.Generator().manual_seed(0)
+        bsz, seq_len, head_dim = 2, 16, 8
+        q = torch.randn(bsz, 4, seq_len, head_dim, generator=generator, requires_grad=True)
+        k = torch.randn(bsz, 2, seq_len, head_dim, generator=generator, requires_grad=True)
+        v = torch.randn(bsz, 2, seq_len, head_dim, generator=generator, requires_grad=True)
+        weight = torch.randn(bsz, 4, seq_len, head_dim, generator=generator)
+        starts = torch.rand(bsz, seq_len, generator=generator) < 0.25
+        for document_ids in (None, torch.cumsum(starts, dim=1)):
+            full_mask = None if document_ids is None else document_sdpa_mask(document_ids)
+            full = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=full_mask, is_causal=full_mask is None, enable_gqa=True
+            )
+            grads = torch.autograd.grad((full * weight).sum(), (q, k, v))
+            local = [cp.shard(t.detach(), dim=2).requires_grad_() for t in (q, k, v)]
+            local_ids = None if document_ids is None else cp.shard(document_ids)
+            out = cp.attention(*local, cp.masks(seq_len // 2, local_ids, q.device))
+            local_grads = torch.autograd.grad((out * cp.shard(weight, dim=2)).sum(), local)
+            torch.testing.assert_close(out, cp.shard(full, dim=2), atol=1e-6, rtol=1e-5)
+            for got, want in zip(local_grads, grads):
+                torch.testing.assert_close(got, cp.shard(want, dim=2), atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cp_attention_equals_full_attention_with_and_without_documents(tmp_path):
+    # fork: the workers start in a second instead of re-importing torch.
+    mp.start_processes(
+        _attention_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method="fork"
+    )
+
+
+STEPS = ["--training.steps=4", "--checkpoint.interval=1000"]
+
+
+@pytest.fixture(scope="module")
+def reference(dump_folder) -> dict[int, float]:
+    run_training(dump_folder, "cp_reference", *STEPS)
+    return losses(dump_folder, "cp_reference")
+
+
+@pytest.fixture(scope="module")
+def cp_fsdp_saved(dump_folder) -> dict[int, float]:
+    """CP 2 × FSDP2 2, checkpointing at step 2."""
+    run_training(
+        dump_folder,
+        "cp_fsdp",
+        "--training.steps=4",
+        "--checkpoint.interval=2",
+        f"{CP}=2",
+        "--training.local_batch_size=2",
+        nproc=4,
+    )
+    return losses(dump_folder, "cp_fsdp")
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> None:
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), (step, got, want)
+
+
+@pytest.mark.slow
+def test_cp_with_fsdp_matches_one_process(reference, cp_fsdp_saved):
+    assert_same_losses(cp_fsdp_saved, reference, range(1, 5))
+
+
+@pytest.mark.slow
+def test_cp_checkpoint_resumes_under_cp_with_tp(dump_folder, cp_fsdp_saved):
+    """Saved by cp 2 × FSDP 2, resumed by cp 2 × TP 2: another sharding of every weight, and
+    the two steps after the resume run context parallel attention on TP's local heads."""
+    job = "cp_resumed_tp"
+    shutil.rmtree(dump_folder / job, ignore_errors=True)
+    shutil.copytree(dump_folder / "cp_fsdp", dump_folder / job)
+    (dump_folder / job / "metrics.jsonl").unlink()
+    tp = "--parallelism.tensor_parallel_degree=2"
+    run_training(dump_folder, job, *STEPS, "--checkpoint.load_step=2", f"{CP}=2", tp, nproc=4)
+    assert_same_losses(losses(dump_folder, job), cp_fsdp_saved, (3, 4))
