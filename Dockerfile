@@ -7,14 +7,15 @@
 #   docker run --rm --gpus all --network host -v "$PWD/outputs:/arbor/outputs" arbor:cuda \
 #       scripts/deploy.sh debug demo
 #
-# Wheels put in docker-wheels/ (e.g. a CPU torch wheel from this machine's pip cache) are
-# installed from there first, so a build needs no torch download.
+# Wheels put in docker-wheels/ are preferred to downloads; with every dependency there (what
+# scripts/docker_check.sh puts there) `--build-arg PIP_OPTIONS=--no-index` builds offline.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 # A CUDA torch for the CUDA base (its own wheel index), or torch==2.13.0 with the CPU index.
 ARG ARBOR_TORCH_SPEC="torch>=2.11"
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG PIP_OPTIONS=""
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN apt-get update \
@@ -22,17 +23,18 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /arbor
-RUN python3 -m venv /arbor/.venv
-ENV PATH=/arbor/.venv/bin:$PATH VIRTUAL_ENV=/arbor/.venv
+# Outside the checkout: scripts/env.sh then uses this environment as it is.
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv
 
 COPY docker-wheels/ /tmp/wheels/
-RUN pip install --find-links /tmp/wheels --extra-index-url "${TORCH_INDEX_URL}" "${ARBOR_TORCH_SPEC}" \
-    && rm -rf /tmp/wheels
+RUN pip install ${PIP_OPTIONS} --find-links /tmp/wheels --extra-index-url "${TORCH_INDEX_URL}" \
+    "${ARBOR_TORCH_SPEC}"
 
 COPY pyproject.toml README.md ./
 COPY arbor_titan/ arbor_titan/
 COPY plugins/ plugins/
-RUN pip install -e ".[serve]"
+RUN pip install ${PIP_OPTIONS} --find-links /tmp/wheels -e ".[serve]" && rm -rf /tmp/wheels
 COPY . .
 
 # The server (scripts/serve.py) and TensorBoard; bind them with --host 0.0.0.0 to reach them

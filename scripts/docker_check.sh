@@ -4,8 +4,8 @@
 #   scripts/docker_check.sh        (needs root for dockerd and debootstrap; several minutes)
 #
 # Made for machines without an image registry: the base image comes from `debootstrap` (Debian's
-# own packages) and `docker import`; the CPU torch wheel is the one this machine's pip finds
-# (copied into docker-wheels/); pip in the build fetches the rest. Where no docker daemon can
+# own packages) and `docker import`; this machine's pip puts every wheel the image needs (its
+# CPU torch included) into docker-wheels/, and the build installs from there with --no-index. Where no docker daemon can
 # start, it says so and exits 0 with "skipped". The daemon it starts (no bridge, no iptables:
 # containers use --network host, so every address stays on 127.0.0.1) is stopped at the end.
 set -euo pipefail
@@ -54,14 +54,15 @@ if ! docker image inspect "${BASE}" >/dev/null 2>&1; then
 fi
 
 torch_version="$("${ARBOR_PYTHON}" -c 'import torch; print(torch.__version__)')"
-echo "== torch ${torch_version} wheel into docker-wheels/"
-"${ARBOR_PYTHON}" -m pip download --no-deps --dest docker-wheels "torch==${torch_version}" >/dev/null
+echo "== torch ${torch_version} and every other wheel of the image into docker-wheels/"
+"${ARBOR_PYTHON}" -m pip download --dest docker-wheels "torch==${torch_version}" ".[serve]" \
+    "setuptools>=77" >/dev/null
 
 echo "== docker build ${IMAGE}"
 docker build --network host -t "${IMAGE}" \
     --build-arg BASE_IMAGE="${BASE}" \
     --build-arg ARBOR_TORCH_SPEC="torch==${torch_version}" \
-    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
+    --build-arg PIP_OPTIONS=--no-index .
 
 echo "== scripts/deploy.sh debug demo in ${IMAGE}"
 start=$(date +%s)

@@ -35,4 +35,3 @@ def test_mistakes_are_one_line_errors(args, error):
     assert result.returncode == 2
     [line] = [line for line in result.stderr.splitlines() if not line.startswith("[setup]")]
     assert line.startswith(error)
-
