@@ -88,6 +88,15 @@ class EpochStream:
         return out
 
 
+def epoch_stream(documents: Documents, shuffle_seed: int | list[int] | None) -> EpochStream:
+    """One epoch of `documents`: shuffled by `default_rng(shuffle_seed)` (training), or in file
+    order when the seed is None (validation)."""
+    count = len(documents)
+    if shuffle_seed is None:
+        return EpochStream(documents, np.arange(count))
+    return EpochStream(documents, np.random.default_rng(shuffle_seed).permutation(count))
+
+
 class PackedSequences(Dataset):
     """One data-parallel rank's windows of an epoch stream, read from `position` on.
 

@@ -6,11 +6,10 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences
+from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences, epoch_stream
 from arbor_titan.data.lanes import LanePosition
 from arbor_titan.data.mixture import MixtureLoader
 from arbor_titan.data.prepare import PreparedData
@@ -215,12 +214,7 @@ class TokenLoader:
         self._batches = None
 
     def _epoch_stream(self, epoch: int) -> EpochStream:
-        count = len(self.documents)
-        if self.shuffle:
-            order = np.random.default_rng(self.seed + epoch).permutation(count)
-        else:
-            order = np.arange(count)
-        return EpochStream(self.documents, order)
+        return epoch_stream(self.documents, self.seed + epoch if self.shuffle else None)
 
     def _loader(self, stream: EpochStream, position: LanePosition, seq_len: int) -> DataLoader:
         """Batches of this rank's windows from `position`. A shape change or a resume builds a

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from arbor_titan.data.dataset import Documents, EpochStream
+from arbor_titan.data.dataset import Documents, EpochStream, epoch_stream
 from arbor_titan.data.lanes import LanePosition
 
 logger = logging.getLogger("arbor_titan")
@@ -240,12 +240,7 @@ class MixtureLoader:
             )
 
     def _epoch_stream(self, index: int, documents: Documents, epoch: int) -> EpochStream:
-        count = len(documents)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, index, epoch]).permutation(count)
-        else:
-            order = np.arange(count)
-        return EpochStream(documents, order)
+        return epoch_stream(documents, [self.seed, index, epoch] if self.shuffle else None)
 
     def _check_fits(self, seq_len: int, batch_size: int, remedy: str) -> None:
         """A whole batch must fit in every source's split, or some batch could never be read."""
