@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from arbor_titan.config.job import JobConfig
-from arbor_titan.distributed.float8 import convert_to_float8
+from arbor_titan.distributed.float8 import check_float8_layout, convert_to_float8
 from arbor_titan.distributed.parallel_dims import ParallelDims
 from arbor_titan.distributed.parallelize import Numerics, parallelize
 from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
@@ -58,6 +58,7 @@ def build_model(
     num_embedding_params = model.tok_embeddings.weight.numel()
     if cfg.training.loss_chunk_len:
         model.chunked_loss = ChunkedLoss(loss_fn, cfg.training.loss_chunk_len)
+    check_float8_layout(cfg.float8, dims.fsdp_enabled)
     # float8 linears replace nn.Linear before TP and FSDP2 shard them (TorchTitan's order).
     convert_to_float8(model, cfg.float8, device)
     pipeline = None

@@ -79,7 +79,8 @@ def check_float8_run(
 
     - rowwise scaling multiplies bf16 inputs (torch._scaled_mm has no fp32 rowwise kernel);
     - torch._scaled_mm needs the token dimension, like the weights', in multiples of 16: the
-      tokens of one micro-batch (a pipeline micro-batch under pp) per tensor-parallel rank.
+      tokens of one micro-batch (a pipeline micro-batch under pp) per tensor- and
+      context-parallel rank.
     """
     if not cfg.enable_float8_linear:
         return
@@ -97,15 +98,29 @@ def check_float8_run(
         microbatches = num_microbatches(parallelism, pp)
         sequences //= microbatches
         where = f"(training.local_batch_size / {microbatches} pipeline micro-batches)"
-    tp = parallelism.tensor_parallel_degree
+    # Context parallelism splits each sequence over its ranks before tensor parallelism splits
+    # the rest: a rank's matmuls see tokens / (cp · tp).
+    tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
     tokens = sequences * training.seq_len
-    if tokens % (FLOAT8_DIM_MULTIPLE * tp):
+    if tokens % (FLOAT8_DIM_MULTIPLE * tp * cp):
         raise ValueError(
-            "float8.enable_float8_linear needs the tokens of a micro-batch per tensor-parallel "
-            f"rank to be a multiple of {FLOAT8_DIM_MULTIPLE} (float8 matmuls): {where} "
-            f"{sequences} x training.seq_len {training.seq_len} / "
-            f"parallelism.tensor_parallel_degree {tp} = {tokens / tp:g}; change those keys, or "
-            "set float8.enable_float8_linear = false"
+            "float8.enable_float8_linear needs the tokens of a micro-batch per tensor- and "
+            f"context-parallel rank to be a multiple of {FLOAT8_DIM_MULTIPLE} (float8 matmuls): "
+            f"{where} {sequences} x training.seq_len {training.seq_len} / "
+            f"(parallelism.tensor_parallel_degree {tp} x parallelism.context_parallel_degree "
+            f"{cp}) = {tokens / (tp * cp):g}; change those keys, or set "
+            "float8.enable_float8_linear = false"
+        )
+
+
+def check_float8_layout(cfg: Float8Config, fsdp_enabled: bool) -> None:
+    """Float8 all-gathers are FSDP2's: without parameter sharding (known once the world size
+    resolves the degrees) the setting would do nothing, so the run stops instead."""
+    if cfg.enable_float8_linear and cfg.enable_fsdp_float8_all_gather and not fsdp_enabled:
+        raise ValueError(
+            "float8.enable_fsdp_float8_all_gather needs FSDP (parameters sharded over data- or "
+            "context-parallel ranks), but this run's layout shards nothing; set it to false or "
+            "run with parallelism.data_parallel_shard_degree > 1"
         )
 
 

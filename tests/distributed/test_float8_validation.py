@@ -4,6 +4,7 @@ of a micro-batch per tensor-parallel rank in multiples of 16, and bf16 for rowwi
 import pytest
 
 from arbor_titan.config.cli import load_config
+from arbor_titan.distributed.float8 import check_float8_layout
 
 FLOAT8 = ["--float8.enable_float8_linear=true"]
 
@@ -56,3 +57,27 @@ def test_rowwise_needs_bf16():
 def test_without_float8_nothing_is_asked():
     cfg = load_config(None, ["--training.seq_len=40", "--training.local_batch_size=1"])
     assert not cfg.float8.enable_float8_linear
+
+
+def test_context_parallel_ranks_split_the_tokens_too():
+    # 1 x 64 tokens over cp 2: 32 per rank, fine; over cp 2 x tp 4: 8 per rank, refused.
+    cp = ["--training.local_batch_size=1", "--training.seq_len=64"]
+    load_config(None, [*FLOAT8, *cp, "--parallelism.context_parallel_degree=2"])
+    with pytest.raises(ValueError, match=r"context_parallel_degree 2\) = 8"):
+        load_config(
+            None,
+            [
+                *FLOAT8,
+                *cp,
+                "--parallelism.context_parallel_degree=2",
+                "--parallelism.tensor_parallel_degree=4",
+            ],
+        )
+
+
+def test_float8_all_gather_without_fsdp_stops():
+    cfg = load_config(None, [*FLOAT8, "--float8.enable_fsdp_float8_all_gather=true"])
+    with pytest.raises(ValueError, match="enable_fsdp_float8_all_gather needs FSDP"):
+        check_float8_layout(cfg.float8, fsdp_enabled=False)
+    check_float8_layout(cfg.float8, fsdp_enabled=True)
+    check_float8_layout(load_config(None, FLOAT8).float8, fsdp_enabled=False)
