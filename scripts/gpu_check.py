@@ -14,7 +14,8 @@ and compiled training of the `bench` flavor and of the 799m flavor at 16 x 4096 
 step (the planner puts it at ~97 of the H200's 141 GiB); float8 tensorwise and rowwise 799m
 runs against the compiled bf16 one; `decode`, scripts/generate.py --compile on the bf16 799m
 run's weights against the bandwidth roofline; `plan`, the planner's estimate of the 799m run
-against its measured peak memory.
+against its measured peak memory; `bench_long_context`, one 64K-token sequence of `bench` (chunked
+loss, full activation checkpointing: one GPU has no context-parallel ranks) against `plan_long`.
 
 `--plumbing` runs the same steps on CPU at toy sizes without compiling, to test this script.
 
@@ -35,8 +36,9 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -64,6 +66,7 @@ class Sizes:
     decode_tokens: int
     bandwidth_mib: int
     gpu_memory_gib: float  # the planner's capacity
+    long: list[str]  # the bench flavor's one-sequence long-context run (memory linear in length)
 
 
 TOY = [
@@ -103,8 +106,35 @@ GPU_SIZES = Sizes(
     decode_tokens=256,
     bandwidth_mib=4096,
     gpu_memory_gib=141,
+    # One GPU, so no context-parallel ranks: one 64K-token sequence with the chunked loss and
+    # full activation checkpointing, whose peak the planner must predict at that length.
+    long=[
+        "--data.max_files=1000",
+        "--training.seq_len=65536",
+        "--training.local_batch_size=1",
+        "--training.loss_chunk_len=4096",
+        "--activation_checkpoint.mode=full",
+        "--training.steps=4",
+        "--metrics.log_freq=2",
+        "--lr_scheduler.warmup_steps=1",
+    ],
 )
-PLUMBING_SIZES = Sizes("cpu", TOY, TOY, False, 8, 64, 141)
+PLUMBING_SIZES = Sizes(
+    "cpu",
+    TOY,
+    TOY,
+    False,
+    8,
+    64,
+    141,
+    [
+        *TOY,
+        "--training.seq_len=256",
+        "--training.local_batch_size=1",
+        "--training.loss_chunk_len=64",
+        "--activation_checkpoint.mode=full",
+    ],
+)
 
 
 @dataclass
@@ -155,9 +185,10 @@ def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
     python = sys.executable
     env = [python, "scripts/gpu_env.py", "--json", str(work / "env.json"), "--device",
            sizes.device, "--site", str(site), "--bandwidth-mib", str(sizes.bandwidth_mib)]
-    plan = [python, "-m", "arbor_titan.estimate", "train_configs/arbor_799m.toml",
-            "--world-size", "1", "--gpu-memory-gib", str(sizes.gpu_memory_gib),
-            "--reserve-gib", "0", "--json", str(work / "plan.json"), *COMMON, *sizes.large]
+    def planner(config: str, out: str, overrides: list[str]) -> list[str]:
+        return [python, "-m", "arbor_titan.estimate", f"train_configs/{config}", "--world-size",
+                "1", "--gpu-memory-gib", str(sizes.gpu_memory_gib), "--reserve-gib", "0",
+                "--json", str(work / out), *COMMON, *overrides]
     decode = [python, "scripts/generate.py", "--checkpoint", str(checkpoint), "--dtype",
               "bfloat16", "--device", sizes.device, "--prompt", "def fibonacci(n):",
               "--max-new-tokens", str(sizes.decode_tokens), "--temperature", "0",
@@ -166,7 +197,9 @@ def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
         Step("env", env, 120),
         prepare_step("prepare_bench", "bench.toml", small, sizes.small),
         prepare_step("prepare_799m", "arbor_799m.toml", large, sizes.large),
-        Step("plan", plan, 180, background=True),
+        Step("plan", planner("arbor_799m.toml", "plan.json", sizes.large), 180, background=True),
+        Step("plan_long", planner("bench.toml", "plan_long.json", [*sizes.long, *eager]), 180,
+             background=True),
         train_step("bench_bf16_eager", "bench.toml", small, [*sizes.small, *eager], 150,
                    after=("prepare_bench",)),
         train_step("bench_bf16_compile", "bench.toml", small, [*sizes.small, *compiled], 180),
@@ -177,6 +210,7 @@ def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
                    [*sizes.large, *compiled, *float8, "--float8.recipe_name=tensorwise"], 240),
         train_step("799m_float8_rowwise_compile", "arbor_799m.toml", large,
                    [*sizes.large, *compiled, *float8, "--float8.recipe_name=rowwise"], 240),
+        train_step("bench_long_context", "bench.toml", small, [*sizes.long, *eager], 120),
         train_step("799m_bf16_eager", "arbor_799m.toml", large, [*sizes.large, *eager], 180),
     ]
 # fmt: on
@@ -418,11 +452,19 @@ def decode_weight_bytes(checkpoint: Path, bytes_per_weight: int = 2) -> int:
     return read * bytes_per_weight
 
 
-def plan_comparison(plan: dict, runs: dict[str, dict]) -> dict:
-    """The planner's per-GPU total (no reserve) against the 799m runs' peak allocated memory."""
+PLANNED_RUNS = {
+    "plan": ("plan.json", ("799m_bf16_eager", "799m_bf16_compile")),
+    "plan_long": ("plan_long.json", ("bench_long_context",)),
+}
+
+
+def plan_comparison(plan_path: Path, runs: dict[str, dict], names: tuple[str, ...]) -> dict:
+    """The planner's per-GPU total (no reserve) against the peak allocated memory of the runs
+    it planned."""
+    plan = json.loads(plan_path.read_text())
     estimated = plan["ranks"][0]["memory_bytes"]["total"] / 2**30
     row = {"estimated_gib": estimated, "fits": plan.get("fits")}
-    for name in ("799m_bf16_eager", "799m_bf16_compile"):
+    for name in names:
         if name in runs:
             row[f"{name}_gib"] = runs[name]["memory_gib"]
             row[f"{name}_over_estimate"] = runs[name]["memory_gib"] / estimated
@@ -438,7 +480,7 @@ class Summary:
     runs: dict[str, dict] = field(default_factory=dict)
     float8: list[dict] = field(default_factory=list)
     decode: dict | None = None
-    plan: dict | None = None
+    plans: dict[str, dict] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     ok: bool = False
 
@@ -461,15 +503,20 @@ def summarize(mode: str, seconds: float, work: Path, results: dict[str, StepResu
         bandwidth = summary.env["read_bandwidth_bytes_per_s"]
         return decode_comparison(log, decode_weight_bytes(checkpoint), bandwidth)
 
-    def plan() -> dict:
-        return plan_comparison(json.loads((work / "plan.json").read_text()), summary.runs)
+    def compared(name: str, compare: Callable[[], dict | None]) -> dict | None:
+        if name not in results or results[name].status != "ok":
+            return None
+        try:
+            return compare()
+        except Exception as err:  # recorded, and the check fails
+            summary.errors.append(f"{name}: {type(err).__name__}: {err}")
+            return None
 
-    for name, compare in (("decode", decode), ("plan", plan)):
-        if name in results and results[name].status == "ok":
-            try:
-                setattr(summary, name, compare())
-            except Exception as err:  # recorded, and the check fails
-                summary.errors.append(f"{name}: {type(err).__name__}: {err}")
+    summary.decode = compared("decode", decode)
+    for name, (plan_file, runs) in PLANNED_RUNS.items():
+        row = compared(name, partial(plan_comparison, work / plan_file, summary.runs, runs))
+        if row is not None:
+            summary.plans[name] = row
     carried_ok = all(p["imports"] and not p["unmet"] for p in summary.env.get("carried", []))
     summary.ok = (
         carried_ok
@@ -512,14 +559,13 @@ def format_summary(summary: Summary) -> Iterator[str]:
             f"{d['roofline_fraction']:.0%} of the {d['roofline_tokens_per_second']:,.0f} "
             "tokens/s roofline"
         )
-    if summary.plan:
-        p = summary.plan
+    for name, p in summary.plans.items():
         measured = ", ".join(
-            f"{name} {p[f'{name}_gib']:.2f} GiB ({p[f'{name}_over_estimate']:.0%})"
-            for name in ("799m_bf16_eager", "799m_bf16_compile")
-            if f"{name}_gib" in p
+            f"{run} {p[f'{run}_gib']:.2f} GiB ({p[f'{run}_over_estimate']:.0%})"
+            for run in PLANNED_RUNS[name][1]
+            if f"{run}_gib" in p
         )
-        yield f"planner (799m, no reserve): {p['estimated_gib']:.2f} GiB; measured {measured}"
+        yield f"planner {name} (no reserve): {p['estimated_gib']:.2f} GiB; measured {measured}"
     for error in summary.errors:
         yield f"summary error: {error}"
     failed = [s["name"] for s in summary.steps if s["status"] != "ok"]

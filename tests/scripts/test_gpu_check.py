@@ -64,7 +64,7 @@ def test_plumbing_run_installs_the_wheels_runs_the_steps_and_writes_the_summary(
             "scripts/gpu_check.sh",
             "--plumbing",
             "--only",
-            "env,bench_bf16_eager",
+            "env,bench_bf16_eager,bench_long_context",
             "--wheels",
             str(wheels),
             "--out",
@@ -86,6 +86,7 @@ def test_plumbing_run_installs_the_wheels_runs_the_steps_and_writes_the_summary(
     assert [(s["name"], s["status"]) for s in summary["steps"]] == [
         ("env", "ok"),
         ("bench_bf16_eager", "ok"),
+        ("bench_long_context", "ok"),
     ]
     run = summary["runs"]["bench_bf16_eager"]
     assert run["step"] == 2 and run["tokens_per_second"] > 0 and run["loss"] > 0
@@ -165,7 +166,7 @@ def test_the_decode_step_reads_the_last_checkpoint_of_the_bf16_run(tmp_path):
         assert f"--compile.enable={str(name.endswith('compile')).lower()}" in argv
 
 
-def test_comparisons():
+def test_comparisons(tmp_path):
     runs = {
         "799m_bf16_compile": {"tokens_per_second": 100.0, "loss": 8.0, "memory_gib": 60.0},
         "799m_float8_tensorwise_compile": {"tokens_per_second": 130.0, "loss": 8.08},
@@ -181,7 +182,8 @@ def test_comparisons():
     assert decode["tokens_per_second"] == 1234.5 and decode["roofline_tokens_per_second"] == 2000
     assert decode["roofline_fraction"] == pytest.approx(0.61725)
     plan = {"fits": True, "ranks": [{"memory_bytes": {"total": 80 * 2**30}}]}
-    row = gpu_check.plan_comparison(plan, runs)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    row = gpu_check.plan_comparison(tmp_path / "plan.json", runs, gpu_check.PLANNED_RUNS["plan"][1])
     assert row["estimated_gib"] == 80 and row["799m_bf16_compile_over_estimate"] == 0.75
 
 
@@ -228,6 +230,7 @@ def test_a_gpu_run_is_summarized_from_what_its_steps_left(tmp_path):
         "799m_float8_tensorwise_compile": 8.04,
         "799m_float8_rowwise_compile": 8.02,
         "bench_bf16_eager": 6.0,
+        "bench_long_context": 7.0,
     }
     for name, loss in losses.items():
         run = tmp_path / ("bench" if name.startswith("bench") else "799m") / name
@@ -244,17 +247,24 @@ def test_a_gpu_run_is_summarized_from_what_its_steps_left(tmp_path):
     (tmp_path / "logs/decode.log").write_text("decode: 255 tokens in 255 steps at 1,000.0 tokens/s")
     plan = {"fits": True, "ranks": [{"memory_bytes": {"total": 40 * 2**30}}]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    results = {name: gpu_check.StepResult(name, "ok") for name in [*losses, "decode", "plan"]}
+    plan_long = {"fits": True, "ranks": [{"memory_bytes": {"total": 25 * 2**30}}]}
+    (tmp_path / "plan_long.json").write_text(json.dumps(plan_long))
+    planned = [*losses, "decode", "plan", "plan_long"]
+    results = {name: gpu_check.StepResult(name, "ok") for name in planned}
 
     summary = gpu_check.summarize("gpu", 400.0, tmp_path, results)
     assert summary.ok and not summary.errors and set(summary.runs) == set(losses)
     # Every weight but the input embedding, in bf16: 2 blocks, the final norm, the output.
     block = 2 * 64 * (64 + 32) + 3 * 64 * 128 + 2 * 64
     assert summary.decode["weight_bytes"] == 2 * (2 * block + 64 + 64 * 256)
-    assert summary.plan["799m_bf16_compile_over_estimate"] == 50 / 40
+    assert summary.plans["plan"]["799m_bf16_compile_over_estimate"] == 50 / 40
+    assert summary.plans["plan_long"]["bench_long_context_over_estimate"] == 50 / 25
     text = "\n".join(gpu_check.format_summary(summary))
     assert "machine: NVIDIA H200, torch 2.11.0+cu130 (CUDA 13.0)" in text
     assert "used by the model's attention: True" in text and "4,000.0 GB/s" in text
     assert "float8 rowwise vs bf16 (compiled 799m): 1.00x tokens/s, loss +0.25% ok" in text
     assert "decode (799m bf16, batch 1): 1,000.0 tokens/s" in text
+    assert (
+        "planner plan_long (no reserve): 25.00 GiB; measured bench_long_context 50.00 GiB" in text
+    )
     assert "gpu_check: passed" in text
