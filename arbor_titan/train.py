@@ -12,7 +12,7 @@ from arbor_titan.config.cli import parse_cli
 from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import ConfigError, to_toml
 from arbor_titan.distributed.init import barrier, shutdown
-from arbor_titan.health import HangWatchdog, NonFiniteError, log_restart_notice
+from arbor_titan.health import HangWatchdog, NonFiniteError, OutOfMemoryStop, log_restart_notice
 from arbor_titan.launch import report_user_error
 from arbor_titan.metrics.console import setup_console_logging
 from arbor_titan.registry import PluginError
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
         NonFiniteError,
+        OutOfMemoryStop,
     ) as err:
-        # User mistakes (config keys, values, paths) and a diverged run get one clear line, not
-        # a traceback; ARBOR_TRACEBACK=1 shows where it came from.
+        # User mistakes (config keys, values, paths) and a diverged or out-of-memory run get one
+        # clear line, not a traceback; ARBOR_TRACEBACK=1 shows where it came from.
         if os.environ.get("ARBOR_TRACEBACK") == "1":
             raise
         return report_user_error(f"error: {err}")

@@ -5,6 +5,7 @@ Everything optional (validation, checkpoints, growth, context schedules) arrives
 """
 
 import contextlib
+import gc
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -26,15 +27,16 @@ from arbor_titan.distributed.parallelize import DTYPES
 from arbor_titan.distributed.pipeline import V_SCHEDULES
 from arbor_titan.distributed.reductions import (
     clip_grad_norm_,
+    data_parallel_sum,
     mean_over_data_parallel,
     replicated_value,
 )
-from arbor_titan.health import NonFiniteGuard
+from arbor_titan.health import NonFiniteGuard, OomFallback
 from arbor_titan.metrics import MetricLogger, flops_per_token, mfu, peak_flops
 from arbor_titan.metrics.memory import MemoryWatch, device_capacity_gib
 from arbor_titan.metrics.window import ThroughputWindow
 from arbor_titan.models.arbor import ArborArgs, resolve_args
-from arbor_titan.models.arbor.loss import cross_entropy_loss
+from arbor_titan.models.arbor.loss import counted_labels, cross_entropy_loss
 from arbor_titan.models.arbor.masking import model_inputs
 from arbor_titan.optim import build_lr_scheduler, build_optimizer
 
@@ -179,6 +181,7 @@ class Trainer:
         )
         schedule_state = self.lr_scheduler.state_dict()
         del self.model, self.pipeline, self.optimizer, self.lr_scheduler
+        gc.collect()  # the old parts' reference cycles (FSDP, hooks) would keep their memory
         if self.cfg.compile.enable:
             torch._dynamo.reset()  # graphs were specialized to the old shapes
         self._build_model(args)
@@ -191,6 +194,7 @@ class Trainer:
         self.metrics = MetricLogger(cfg.metrics, self.run_dir, enabled=self.proc.is_main)
         self.metrics.log_text("config", to_toml(cfg))
         self.nonfinite_guard = NonFiniteGuard(cfg.training.nonfinite_skip_limit, self.metrics)
+        self.oom_fallback = OomFallback(self.metrics) if cfg.training.oom_fallback else None
         capacity = cfg.training.memory_budget_gib or device_capacity_gib(self.proc.device)
         self.memory_watch = MemoryWatch(self.proc.device, capacity, self.metrics)
         self.flops_per_token = self._flops_per_token()
@@ -266,14 +270,23 @@ class Trainer:
         as tensors local to this rank."""
         accum = self.cfg.training.gradient_accumulation_steps
         total_loss = torch.zeros((), device=self.proc.device)
-        for _ in range(accum):
-            inputs, labels = (host_to_device(t, self.proc.device) for t in next(self.train_iter))
-            inputs, labels, extra = self.model_batch(inputs, labels)
+        batches = [
+            self.model_batch(*(host_to_device(t, self.proc.device) for t in next(self.train_iter)))
+            for _ in range(accum)
+        ]
+        # The step's loss is the mean over every label that counts in all its micro-batches on
+        # every data-parallel rank (answer tokens only, for chat data), as in one large batch.
+        step_labels = data_parallel_sum(
+            sum(counted_labels(labels) for _, labels, _ in batches), self.dims
+        ).clamp(min=1)
+        for inputs, labels, extra in batches:
             with self.forward_context():
                 if self.pipeline is not None:
                     loss = self.pipeline.step(inputs, labels)
                 else:
-                    loss = self.model_loss(inputs, labels, extra) / accum
+                    # FSDP averages gradients over the dp x cp ranks: scale them back to a sum.
+                    share = counted_labels(labels) * (self.dims.dp * self.dims.cp) / step_labels
+                    loss = self.model_loss(inputs, labels, extra) * share
                     loss.backward()
             total_loss += replicated_value(loss.detach())
         pp_group = self.dims.mesh["pp"].get_group() if self.dims.pp > 1 else None
@@ -325,7 +338,10 @@ class Trainer:
                 tokens_per_step = self.tokens_per_step
                 lr = self.lr_scheduler.get_last_lr()[0]
                 window.start()
-                loss, grad_norm = self.train_step()
+                if self.oom_fallback is None:
+                    loss, grad_norm = self.train_step()
+                else:
+                    loss, grad_norm = self.oom_fallback.step(self)
                 self.last_loss = loss
                 self.state.step += 1
                 self.state.tokens_seen += tokens_per_step

@@ -6,7 +6,9 @@ which is Hugging Face's `rotate_half`, so wq/wk rows are already in HF's order. 
 Llama checkpoints (and TorchTitan's) rotate interleaved pairs (2i, 2i+1) and need HF's
 `permute` on conversion; ours do not. tests/checkpoint/test_convert.py proves it: the exported
 model's logits in `transformers` equal ours, and a `transformers` model imports with equal logits.
-A RoPE scaling travels as transformers' `rope_parameters` (see `hf_rope_parameters`).
+A RoPE scaling travels as transformers' `rope_parameters` (see `hf_rope_parameters`). The
+tokenizer travels with a `tokenizer_config.json` naming BOS/EOS and holding the chat template
+(docs/sft.md), so `apply_chat_template` renders conversations as the trainer does.
 
 Export writes one `model.safetensors`, or HF's sharded layout with an index when the weights
 exceed `max_shard_bytes`; only one shard is in memory at a time (with safetensors' serialized
@@ -20,9 +22,11 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFModel
 
 from arbor_titan.checkpoint.convert import (
     ConversionError,
@@ -37,6 +41,7 @@ from arbor_titan.checkpoint.convert import (
 )
 from arbor_titan.checkpoint.folders import MODEL_ARGS_FILE, TOKENIZER_FILE
 from arbor_titan.config.loader import ConfigError
+from arbor_titan.data.chat_template import JINJA_TEMPLATE
 from arbor_titan.data.hf_tokenizer import HFTokenizer
 from arbor_titan.data.tokenizer import Tokenizer, load_tokenizer
 from arbor_titan.models.arbor.args import ArborArgs
@@ -47,6 +52,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # A Hugging Face folder's tokenizer when it has no sentencepiece `tokenizer.model` (Llama 3's).
 HF_TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 
 # The shard size transformers used by default through v4: small enough for hub uploads and for
 # one shard to sit in memory while it is written.
@@ -329,6 +335,22 @@ def dcp_to_hf(
         if tokenizer is not None:  # under the name transformers looks for, by its kind
             name = HF_TOKENIZER_JSON if isinstance(tokenizer, HFTokenizer) else TOKENIZER_FILE
             shutil.copyfile(tokenizer.path, temp / name)
+            config_text = json.dumps(tokenizer_config(tokenizer), indent=2)
+            (temp / TOKENIZER_CONFIG_JSON).write_text(config_text)
+
+
+def tokenizer_config(tokenizer: Tokenizer) -> dict:
+    """tokenizer_config.json: BOS/EOS by name and the chat template, so that `transformers`'
+    `apply_chat_template` renders a conversation as the trainer and the server do."""
+    if isinstance(tokenizer, HFTokenizer):
+        name = HFModel.from_file(str(tokenizer.path)).id_to_token
+    else:
+        name = spm.SentencePieceProcessor(model_file=str(tokenizer.path)).id_to_piece
+    return {
+        "bos_token": name(tokenizer.bos_id),
+        "eos_token": name(tokenizer.eos_id),
+        "chat_template": JINJA_TEMPLATE,
+    }
 
 
 # -- import

@@ -83,8 +83,21 @@ class CheckpointManager(Callback):
     # -- hooks
 
     def on_model_args(self, trainer: "Trainer", args: ArborArgs) -> ArborArgs:
-        """The shape of the checkpoint to resume from (a grown model), at this run's length."""
+        """The shape of the checkpoint to resume from, or else of `initial_load_path` (a grown
+        model), at this run's length."""
         folder = self._resume_folder(trainer)
+        if folder is None and self.cfg.initial_load_path:
+            folder = Path(self.cfg.initial_load_path)
+            try:
+                saved = read_model_args(folder)
+            except (FileNotFoundError, ValueError) as err:
+                raise CheckpointError(f"checkpoint.initial_load_path: {err}") from None
+            if saved.vocab_size != args.vocab_size:
+                raise CheckpointError(
+                    f"checkpoint.initial_load_path: {folder} holds a model of vocabulary "
+                    f"{saved.vocab_size}, this run's tokenizer has {args.vocab_size}: set "
+                    f"tokenizer.path = {str(folder / TOKENIZER_FILE)!r} (the model's own)"
+                )
         if folder is None:
             return args
         saved = replace(read_model_args(folder), max_seq_len=args.max_seq_len)

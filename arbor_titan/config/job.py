@@ -58,6 +58,13 @@ class TrainingConfig:
         "more stops the run (0: stop at the first).",
         ge=0,
     )
+    oom_fallback: bool = option(
+        True,
+        "A step that runs out of device memory is replayed with more activation checkpointing "
+        "(none, selective, full), then with half the micro-batch and twice the gradient "
+        "accumulation (tokens per step unchanged); after the last fallback the run stops with "
+        "the planner's advice. false: the error ends the run.",
+    )
     memory_budget_gib: float = option(
         0,
         "Device memory per process that activation_checkpoint.mode = auto plans for and the "

@@ -4,7 +4,7 @@ from dataclasses import dataclass, replace
 
 from arbor_titan.config.fields import REQUIRED, option
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf_disk")
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "hf_disk", "chat")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class DataConfig:
     source: str = option(
         "stdlib",
         "Corpus: 'stdlib' (this Python's own library source), 'text', 'jsonl' or 'parquet' "
-        "files, or 'hf_disk' (a datasets.save_to_disk folder or its .arrow files; local only).",
+        "files, 'hf_disk' (a datasets.save_to_disk folder or its .arrow files; local only), or "
+        "'chat' (JSONL conversations for fine-tuning, loss on the answers; see docs/sft.md).",
     )
     paths: list[str] = option(
         [], "Files or glob patterns ('**' recurses); for hf_disk also save_to_disk folders."
@@ -43,6 +44,11 @@ class DataConfig:
     max_files: int = option(0, "Use only the first N files after sorting (0 = all).", ge=0)
     num_workers: int = option(
         0, "Data loader worker processes per rank (0 = load in-process).", ge=0
+    )
+    prepare_workers: int = option(
+        0,
+        "Processes that tokenize the corpus into the token cache (0 = one per available core).",
+        ge=0,
     )
     document_mask: bool = option(
         False, "Packed documents don't attend across their boundaries (each starts at a BOS)."
@@ -113,10 +119,25 @@ def check_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.paths must name files or globs when data.source = {cfg.source!r}")
     if not cfg.text_field:
         raise ValueError("data.text_field must not be empty")
+    if cfg.source == "chat":
+        _check_chat(cfg)
     if cfg.restart_positions and not cfg.document_mask:
         raise ValueError(
             "data.restart_positions = true needs data.document_mask = true (positions restart "
             "at documents that the mask separates)"
+        )
+
+
+def _check_chat(cfg: DataConfig) -> None:
+    if cfg.text_field != DataConfig().text_field:
+        raise ValueError(
+            "data.text_field does not apply to data.source = 'chat' (a line holds 'messages', or "
+            "'prompt' and 'response'): leave it unset"
+        )
+    if not cfg.document_mask:
+        raise ValueError(
+            "data.source = 'chat' packs conversations into shared windows and needs "
+            "data.document_mask = true, so that no conversation attends to the one before it"
         )
 
 
@@ -136,6 +157,11 @@ def _check_mixture(cfg: DataConfig) -> None:
         raise ValueError(
             "data.num_workers > 0 is not supported with [[data.sources]]: a mixture reads its "
             "windows in-process (memory-mapped slices); set data.num_workers = 0"
+        )
+    if any(s.source == "chat" for s in cfg.sources):
+        raise ValueError(
+            "data.sources: source = 'chat' is not supported in a mixture; fine-tune on chat data "
+            "with data.source = 'chat'"
         )
     names = [s.name for s in cfg.sources]
     if "" in names or len(set(names)) != len(names):

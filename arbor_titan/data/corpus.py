@@ -49,6 +49,7 @@ class SplitPlan:
     num_docs: dict[str, int]
     skipped: Counter
     by_tokens: bool = False  # too few documents: val is the stream's last val_fraction of tokens
+    chars: int = 0  # in all valid documents: the work a tokenizing pass has ahead
 
     def split_of(self, name: str) -> str:
         return "val" if name in self.val_names else "train"
@@ -82,24 +83,26 @@ class Corpus:
         """Read the corpus once to assign splits; raise if no document survives."""
         skipped: Counter = Counter()
         val: set[str] = set()
-        count, lowest, highest = 0, (1.0, ""), (-1.0, "")
-        for name, _ in self._read(skipped):
+        count, chars, lowest, highest = 0, 0, (1.0, ""), (-1.0, "")
+        for name, text in self._read(skipped):
             key = (unit_hash(name), name)
             count += 1
+            chars += len(text)
             lowest, highest = min(lowest, key), max(highest, key)
             if key[0] < self.cfg.val_fraction:
                 val.add(name)
         if not count:
             raise ValueError(f"no usable documents in the corpus: {describe_skips(skipped)}")
         if 0 < count * self.cfg.val_fraction < 1:
-            return SplitPlan(frozenset(), {"train": count, "val": 0}, skipped, by_tokens=True)
+            no_val = {"train": count, "val": 0}
+            return SplitPlan(frozenset(), no_val, skipped, by_tokens=True, chars=chars)
         # The hash may still pick no document, or all: keep one in each split.
         if not val and self.cfg.val_fraction > 0:
             val.add(lowest[1])
         if len(val) == count:
             val.discard(highest[1])
         num_docs = {"train": count - len(val), "val": len(val)}
-        return SplitPlan(frozenset(val), num_docs, skipped)
+        return SplitPlan(frozenset(val), num_docs, skipped, chars=chars)
 
     def documents(self, split: str | None = None) -> Iterator[tuple[str, str]]:
         """Valid documents in order; only those of `split` ("train" | "val") when given."""

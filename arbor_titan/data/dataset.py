@@ -4,6 +4,8 @@ Nothing here copies the token stream: an epoch is a permutation of document indi
 int64 numbers per document, and a window is read as a few slices of the memory-mapped file.
 """
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -88,6 +90,15 @@ class EpochStream:
         return out
 
 
+# Turns a window of `seq_len + 1` stream tokens into `(inputs, labels)` of `seq_len` each.
+Labeler = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def next_token_labels(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-training: every next token is a label."""
+    return window[:-1], window[1:]
+
+
 def epoch_stream(documents: Documents, shuffle_seed: int | list[int] | None) -> EpochStream:
     """One epoch of `documents`: shuffled by `default_rng(shuffle_seed)` (training), or in file
     order when the seed is None (validation)."""
@@ -103,7 +114,8 @@ class PackedSequences(Dataset):
     Global window m is `seq_len + 1` tokens at `position.window_start(m)` (far apart from its
     neighbours, see `LanePosition`); rank r of `dp_world` takes windows r, r + W, r + 2W, ...
     (item i is window i·W + r), and every rank gets the same number, so a batch of B items on
-    every rank holds the next W·B windows. Item i is `(inputs, labels)`, labels shifted by one.
+    every rank holds the next W·B windows. Item i is `labeler(window)`: `(inputs, labels)`,
+    labels shifted by one.
     """
 
     def __init__(
@@ -113,9 +125,10 @@ class PackedSequences(Dataset):
         seq_len: int,
         dp_rank: int = 0,
         dp_world: int = 1,
+        labeler: Labeler = next_token_labels,
     ):
         self.stream, self.position, self.seq_len = stream, position, seq_len
-        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.dp_rank, self.dp_world, self.labeler = dp_rank, dp_world, labeler
         self._len = position.windows_left(seq_len + 1) // dp_world
 
     def __len__(self) -> int:
@@ -126,5 +139,4 @@ class PackedSequences(Dataset):
             raise IndexError(f"window {i} of {self._len}")
         window = self.seq_len + 1
         start = self.position.window_start(i * self.dp_world + self.dp_rank, window)
-        tokens = torch.from_numpy(self.stream.read(start, window))
-        return tokens[:-1], tokens[1:]
+        return self.labeler(torch.from_numpy(self.stream.read(start, window)))

@@ -21,6 +21,7 @@ class HFTokenizer:
 
     def __init__(self, path: Path, bos_token: str = "", eos_token: str = ""):
         self._path = Path(path)
+        self._names = (bos_token, eos_token)
         try:
             self._hf = _HFModel.from_file(str(self._path))
         except Exception as err:  # tokenizers raises a bare Exception for a bad file
@@ -36,6 +37,10 @@ class HFTokenizer:
                 "; packing marks document starts with BOS, so set tokenizer.bos_token and "
                 "tokenizer.eos_token to two different special tokens"
             )
+
+    def __reduce__(self) -> tuple:
+        """Pickles as its file and token names: a worker process loads the file itself."""
+        return HFTokenizer, (self._path, *self._names)
 
     @property
     def path(self) -> Path:

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from arbor_titan.data.dataset import Documents, EpochStream, PackedSequences, epoch_stream
+from arbor_titan.data.chat import answer_labels
+from arbor_titan.data.dataset import (
+    Documents,
+    EpochStream,
+    Labeler,
+    PackedSequences,
+    epoch_stream,
+    next_token_labels,
+)
 from arbor_titan.data.lanes import LanePosition
 from arbor_titan.data.mixture import MixtureLoader
 from arbor_titan.data.prepare import PreparedData
@@ -70,12 +78,13 @@ class TokenLoader:
         dp_world: int,
         seed: int,
         num_workers: int = 0,
+        labeler: Labeler = next_token_labels,
     ):
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_world={dp_world})")
         self.documents, self.split = documents, split
         self.dp_rank, self.dp_world = dp_rank, dp_world
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.labeler = seed, num_workers, labeler
         self.shuffle = split == "train"
         self._check_fits(
             seq_len, batch_size, "use a smaller training.seq_len or training.local_batch_size"
@@ -219,7 +228,9 @@ class TokenLoader:
     def _loader(self, stream: EpochStream, position: LanePosition, seq_len: int) -> DataLoader:
         """Batches of this rank's windows from `position`. A shape change or a resume builds a
         new one: its worker processes can't change what they read."""
-        windows = PackedSequences(stream, position, seq_len, self.dp_rank, self.dp_world)
+        windows = PackedSequences(
+            stream, position, seq_len, self.dp_rank, self.dp_world, self.labeler
+        )
         return DataLoader(
             windows, batch_size=self.batch_size, drop_last=True, num_workers=self.num_workers
         )
@@ -260,14 +271,17 @@ def build_dataloader(
         }
         return MixtureLoader(sources, split, seq_len, batch_size, dp_rank, dp_world, seed)
     documents = _documents(prepared.cache, split, bos_id)
-    return TokenLoader(documents, split, seq_len, batch_size, dp_rank, dp_world, seed, num_workers)
+    labeler = answer_labels if prepared.chat else next_token_labels
+    return TokenLoader(
+        documents, split, seq_len, batch_size, dp_rank, dp_world, seed, num_workers, labeler
+    )
 
 
 def _documents(cache: TokenCache, split: str, bos_id: int) -> Documents:
     documents = Documents(cache.tokens(split), bos_id)
     if len(documents) != cache.num_docs[split]:
         raise RuntimeError(
-            f"token cache {cache.paths[split]} holds {len(documents)} documents, its "
-            f"sidecar says {cache.num_docs[split]}; delete the cache to rebuild it"
+            f"token cache {cache.root} holds {len(documents)} {split} documents, its "
+            f"manifest says {cache.num_docs[split]}; delete the cache to rebuild it"
         )
     return documents

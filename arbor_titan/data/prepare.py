@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arbor_titan.data.chat import prepare_chat
 from arbor_titan.data.config import DataConfig, TokenizerConfig, check_data_config
 from arbor_titan.data.corpus import Corpus, MixedCorpus, describe_skips
 from arbor_titan.data.token_cache import TokenCache, build_token_cache
@@ -31,6 +32,7 @@ class PreparedData:
     tokenizer: Tokenizer
     cache: TokenCache | None
     mixture: dict[str, SourceCache] = field(default_factory=dict)
+    chat: bool = False  # the cache's stream flags answer tokens (data/chat.py)
 
 
 def prepare_data(
@@ -45,10 +47,15 @@ def prepare_data(
     `show_progress` enables the stderr progress bar; pass it only on the process that builds.
     """
     check_data_config(data_cfg)
+    if data_cfg.source == "chat":
+        tokenizer, cache = prepare_chat(data_cfg, tok_cfg, cache_dir, log)
+        return PreparedData(tokenizer, cache, chat=True)
     if not data_cfg.sources:
         corpus = Corpus(data_cfg)
         tokenizer = load_or_train_tokenizer(tok_cfg, corpus, cache_dir, log)
-        cache = build_token_cache(tokenizer, corpus, cache_dir, show_progress, log)
+        cache = build_token_cache(
+            tokenizer, corpus, cache_dir, show_progress, log, data_cfg.prepare_workers
+        )
         _log_sizes("data", cache, data_cfg, log)
         return PreparedData(tokenizer, cache)
     corpora = {name: Corpus(cfg) for name, cfg in data_cfg.source_configs().items()}
@@ -58,7 +65,9 @@ def prepare_data(
     total = sum(s.weight for s in data_cfg.sources)
     mixture = {}
     for source in data_cfg.sources:
-        cache = build_token_cache(tokenizer, corpora[source.name], cache_dir, show_progress, log)
+        cache = build_token_cache(
+            tokenizer, corpora[source.name], cache_dir, show_progress, log, data_cfg.prepare_workers
+        )
         _log_sizes(f"data source {source.name!r}", cache, data_cfg, log)
         mixture[source.name] = SourceCache(source.weight / total, cache)
     return PreparedData(tokenizer, None, mixture)

@@ -103,6 +103,10 @@ class SentencePieceTokenizer:
         mark_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _MARK.encode()]
         self._mark_ids = mark_ids if all(self._sp.is_byte(i) for i in mark_ids) else None
 
+    def __reduce__(self) -> tuple:
+        """Pickles as its file's path: a worker process loads the model from the file."""
+        return SentencePieceTokenizer, (self._path,)
+
     @property
     def path(self) -> Path:
         return self._path

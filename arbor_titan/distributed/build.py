@@ -8,7 +8,7 @@ have, on the meta device, which is how large configs are planned on one CPU.
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from arbor_titan.distributed.pipeline import Pipeline, stages_per_rank
 from arbor_titan.models.arbor import ArborArgs, Transformer, count_params
 from arbor_titan.models.arbor.loss import ChunkedLoss, check_chunked_loss
 from arbor_titan.models.arbor.masking import check_document_mask
+from arbor_titan.models.arbor.parallelize import replicates_kv
 
 logger = logging.getLogger("arbor_titan")
 
@@ -59,8 +60,19 @@ def build_model(
     if cfg.training.loss_chunk_len:
         model.chunked_loss = ChunkedLoss(loss_fn, cfg.training.loss_chunk_len)
     check_float8_layout(cfg.float8, dims.fsdp_enabled)
+    float8 = cfg.float8
+    if replicates_kv(args.n_kv_heads, dims.tp):
+        logger.info(
+            "tp %d does not divide the %d kv heads: wk/wv are replicated over tp, each rank "
+            "projecting the kv heads its query heads read",
+            dims.tp,
+            args.n_kv_heads,
+        )
+        # Those rows are projected outside the modules' forward (models/arbor/parallelize.py),
+        # so wk/wv stay in the compute dtype.
+        float8 = replace(float8, filter_fqns=[*float8.filter_fqns, "attention.wk", "attention.wv"])
     # float8 linears replace nn.Linear before TP and FSDP2 shard them (TorchTitan's order).
-    convert_to_float8(model, cfg.float8, device)
+    convert_to_float8(model, float8, device)
     pipeline = None
     parts = [model]
     if dims.pp > 1:

@@ -137,11 +137,14 @@ class ParallelDims:
         self, n_layers: int, n_heads: int, n_kv_heads: int, num_stages: int, tie_embeddings: bool
     ) -> None:
         """Errors for layouts the model can't be cut into, each naming the fix."""
-        if n_heads % self.tp or n_kv_heads % self.tp:
+        if n_heads % self.tp:
+            # A degree dividing the query heads but not the kv heads replicates wk/wv over tp.
+            valid = ", ".join(str(d) for d in range(1, n_heads + 1) if n_heads % d == 0)
             raise ValueError(
                 f"parallelism.tensor_parallel_degree={self.tp} must divide the model's "
-                f"n_heads={n_heads} and n_kv_heads={n_kv_heads}; choose a tp degree dividing "
-                f"{n_kv_heads}"
+                f"n_heads={n_heads} (each rank computes whole query heads); valid degrees: "
+                f"{valid}. Those dividing n_kv_heads={n_kv_heads} split the kv heads too, the "
+                "others replicate them"
             )
         if num_stages > n_layers:
             raise ValueError(

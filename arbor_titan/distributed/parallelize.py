@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 
@@ -21,7 +22,12 @@ from arbor_titan.distributed.activation_checkpoint import (
 from arbor_titan.distributed.compile import CompileConfig, compile_blocks
 from arbor_titan.distributed.context_parallel import ContextParallel
 from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
-from arbor_titan.models.arbor.parallelize import block_plan, root_plan
+from arbor_titan.models.arbor.parallelize import (
+    ReplicatedKV,
+    block_plan,
+    replicates_kv,
+    root_plan,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,22 +51,30 @@ def parallelize(
 ) -> None:
     """Parallelize one model part (the whole model, or one pipeline stage) in place."""
     if dims.tp > 1:
-        tp_mesh = dims.mesh["tp"]
-        present = {
-            k: v
-            for k, v in root_plan(parallelism.enable_loss_parallel).items()
-            if getattr(part, k, None) is not None
-        }
-        parallelize_module(part, tp_mesh, present)
-        for block in part.layers.values():
-            parallelize_module(block, tp_mesh, block_plan())
-        part.sequence_shards = dims.tp
+        apply_tensor_parallel(part, dims.mesh["tp"], parallelism.enable_loss_parallel)
     apply_context_parallel(part, ContextParallel.from_dims(dims))
     apply_activation_checkpointing(part.layers, ac)
     if compile_cfg.compiles("model"):
         compile_blocks(part.layers)
     if dims.fsdp_enabled:
         apply_fsdp(part, dims, parallelism, numerics)
+
+
+def apply_tensor_parallel(part: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Tensor + sequence parallel on the part's root modules and blocks; wk/wv replicated when
+    tp does not divide the kv heads (each rank then projects the heads it reads)."""
+    present = {
+        k: v for k, v in root_plan(loss_parallel).items() if getattr(part, k, None) is not None
+    }
+    parallelize_module(part, tp_mesh, present)
+    args, tp = part.args, tp_mesh.size()
+    replicated_kv = None
+    if replicates_kv(args.n_kv_heads, tp):
+        replicated_kv = ReplicatedKV.for_rank(args, tp, tp_mesh.get_local_rank())
+    for block in part.layers.values():
+        parallelize_module(block, tp_mesh, block_plan(replicate_kv=replicated_kv is not None))
+        block.attention.replicated_kv = replicated_kv
+    part.sequence_shards = tp
 
 
 def apply_context_parallel(part: nn.Module, cp: ContextParallel | None) -> None:

@@ -33,6 +33,16 @@ def replicated_value(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def data_parallel_sum(count: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
+    """The sum over the data- and context-parallel ranks of a count each rank takes of its own
+    tokens (tp and pp ranks hold copies of their replica's, counted once)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.clone()
+        dist.all_reduce(count)
+        count = count // (dims.tp * dims.pp)
+    return count
+
+
 def mean_over_data_parallel(value: torch.Tensor, dims: ParallelDims) -> torch.Tensor:
     """The data-parallel mean of a loss that only last-stage ranks hold (others pass 0).
 

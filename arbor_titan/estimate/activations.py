@@ -10,6 +10,8 @@ real block (tests/estimate/test_memory_accuracy.py checks the totals against a m
 - A linear saves its input. Under FSDP mixed precision the inputs already are bf16 and wq/wk/wv
   share one; under autocast every consumer casts its own copy (3 in attention, 2 in the FFN).
 - Attention (flash/efficient SDPA) saves q, k, v, its output and an fp32 log-sum-exp per head.
+  When tp does not divide the kv heads, k and v hold a copy per local query head and the wk/wv
+  outputs are the kv heads those read (models/arbor/parallelize.py `ReplicatedKV`).
 - SwiGLU saves w1's and w3's outputs, silu(w1 x) and their product (w2's input).
 - Loss: log_softmax keeps fp32 log-probabilities (vocab-sharded under loss parallel); the
   chunked loss (`training.loss_chunk_len`) keeps none: each chunk's logits are recomputed in
@@ -25,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from arbor_titan.models.arbor import ArborArgs
+from arbor_titan.models.arbor.parallelize import local_kv_heads
 
 FP32 = 4
 INDEX_BYTES = 8  # token ids and targets are int64
@@ -60,9 +63,11 @@ class ActivationModel:
     def block(self, mode: str) -> int:
         """One transformer block; mode is its checkpointing: none, full or op (selective)."""
         a, t, e = self.args, self.tokens, self.compute_bytes
-        q_dim, kv_dim = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        q_dim = a.n_heads * a.head_dim
+        projected_kv, attended_kv = local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)
         block_input = self.seq_tokens * a.dim * self.residual_bytes
-        qkv = t * (q_dim + 2 * kv_dim) * e // self.tp
+        # Attention's q, k and v; under kv replication k and v hold a copy per query head.
+        qkv = t * (q_dim // self.tp + 2 * attended_kv * a.head_dim) * e
         attention_out = t * q_dim * e // self.tp
         log_sum_exp = t * a.n_heads * FP32 // self.tp
         gathered_kv = self.gathered_kv()
@@ -72,7 +77,8 @@ class ActivationModel:
         if mode == "op":
             # Checkpoint input, then every matmul output (wo's and w2's are the full-width
             # partial sums before the TP reduce-scatter) and attention's outputs.
-            matmuls = qkv + 2 * t * a.dim * e + 2 * ffn_hidden
+            qkv_matmuls = t * (q_dim // self.tp + 2 * projected_kv * a.head_dim) * e
+            matmuls = qkv_matmuls + 2 * t * a.dim * e + 2 * ffn_hidden
             # The gathered K/V are no matmul outputs: recomputed (the gather re-run).
             return block_input + matmuls + attention_out + log_sum_exp
         # Gathered over the sequence: every token. autocast casts per consumer (wq, wk, wv, w1,
@@ -85,8 +91,9 @@ class ActivationModel:
 
     def gathered_kv(self) -> int:
         """Keys and values of the other cp ranks' tokens, gathered for attention."""
-        kv_dim = self.args.n_kv_heads * self.args.head_dim
-        return (self.cp - 1) * self.tokens * 2 * kv_dim * self.compute_bytes // self.tp
+        a = self.args
+        _, attended_kv = local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)
+        return (self.cp - 1) * self.tokens * 2 * attended_kv * a.head_dim * self.compute_bytes
 
     def recompute(self, mode: str) -> int:
         """What backward re-creates for one checkpointed block, on top of what it kept."""

@@ -4,6 +4,7 @@ from arbor_titan.distributed.pipeline import stages_per_rank
 from arbor_titan.estimate.memory import GIB, MemoryEstimate
 from arbor_titan.estimate.plan import Plan, layout_text
 from arbor_titan.estimate.ranks import RankBuild
+from arbor_titan.models.arbor.parallelize import local_kv_heads, replicates_kv
 
 MEMORY_COLUMNS = (
     ("param", "parameters"),
@@ -52,6 +53,13 @@ def format_plan(plan: Plan, config_path: str) -> str:
         f"heads, ffn {args.ffn_dim}, vocab {args.vocab_size} from {plan.vocab_source})"
     )
     lines.append(f"layout     {layout_text(dims)}; world size from {plan.world_source}")
+    if replicates_kv(args.n_kv_heads, dims.tp):
+        projected, attended = local_kv_heads(args.n_heads, args.n_kv_heads, dims.tp)
+        lines.append(
+            f"kv heads   tp {dims.tp} does not divide the {args.n_kv_heads} kv heads: wk/wv are "
+            f"replicated over tp, each rank projects the {projected} kv heads its {attended} "
+            "query heads read"
+        )
     batch = train.local_batch_size // first.microbatches
     if dims.pp > 1:
         per_rank = stages_per_rank(par)
@@ -179,6 +187,7 @@ def plan_json(plan: Plan, config_path: str) -> dict:
             "dp_shard": plan.dims.dp_shard,
             "cp": plan.dims.cp,
             "tp": plan.dims.tp,
+            "replicated_kv": replicates_kv(plan.ranks[0].build.args.n_kv_heads, plan.dims.tp),
             "world_size": plan.dims.world_size,
             "world_source": plan.world_source,
         },

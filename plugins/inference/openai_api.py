@@ -8,13 +8,13 @@ default (`n`, `best_of`, `echo`, `suffix`, `logprobs`, `top_logprobs`, `logit_bi
 OpenAI's fields the server takes `top_k`, `repetition_penalty` and `ignore_eos` (vLLM's names;
 the last makes benchmarks generate exactly `max_tokens`).
 
-Chat template (documented for users; the base model was not trained on chat, so it is plain
-text a base model can continue):
+Chat messages are rendered and encoded by the chat template that fine-tuning trains on
+(arbor_titan/data/chat_template.py), plain text a base model can continue too:
 
-    System: {content}\\n\\nUser: {content}\\n\\nAssistant: {content}\\n\\n ... Assistant:
+    [BOS]System: {content}\\n\\nUser: {content}\\n\\nAssistant: {content}[EOS]User: ... Assistant:
 
-with "\\n\\nUser:" added to the stop strings, so the model ends its turn instead of writing the
-user's next one.
+A fine-tuned model ends its turn with EOS; "\\n\\nUser:" is added to the stop strings, so a base
+model ends its turn there instead of writing the user's next one.
 """
 
 import time
@@ -24,10 +24,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from arbor_titan.data.chat_template import TURN_STOP, Message, encode_prompt
+from arbor_titan.data.tokenizer import Tokenizer
 from plugins.inference.sampling import SamplingParams
 
-CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\n\nUser:"
 MAX_STOP_STRINGS = 4  # as OpenAI
 
 
@@ -154,7 +154,7 @@ class ChatMessage(_Strict):
 
 
 class ChatBody(_GenerationBody):
-    """`POST /v1/chat/completions`: messages rendered with the chat template above."""
+    """`POST /v1/chat/completions`: messages rendered with the chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -184,12 +184,13 @@ def parse_completion(body: Any) -> GenerationRequest:
     return _generation(request, request.prompt, request.max_tokens or 16, extra_stop=())
 
 
-def parse_chat(body: Any) -> GenerationRequest:
+def parse_chat(body: Any, tokenizer: Tokenizer) -> GenerationRequest:
+    """A chat request, its messages encoded by the chat template into the prompt's token ids."""
     request = _validate(ChatBody, body)
-    prompt = "".join(f"{CHAT_ROLES[m.role]}: {m.content}\n\n" for m in request.messages)
-    prompt += f"{CHAT_ROLES['assistant']}:"
+    messages = [Message(m.role, m.content) for m in request.messages]
     max_tokens = request.max_completion_tokens or request.max_tokens
-    return _generation(request, prompt, max_tokens, extra_stop=(CHAT_STOP,))
+    prompt = encode_prompt(messages, tokenizer)
+    return _generation(request, prompt, max_tokens, extra_stop=(TURN_STOP,))
 
 
 B = TypeVar("B", bound=_GenerationBody)

@@ -93,7 +93,8 @@ def create_app(loop: EngineLoop, cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _generate(request, parse_chat(await _body(request, cfg)), chat=True)
+        gen = parse_chat(await _body(request, cfg), engine.tokenizer)
+        return await _generate(request, gen, chat=True)
 
     async def _generate(request: Request, gen: GenerationRequest, chat: bool) -> Response:
         if gen.model is not None and gen.model != cfg.model_name:

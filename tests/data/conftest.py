@@ -75,7 +75,7 @@ def synthetic_data(tmp_path, stdlib_data) -> Callable[..., PreparedData]:
             tokens, docs[split] = synthetic_stream(n, tokenizer.bos_id, tokenizer.eos_id, seed)
             paths[split], counts[split] = tmp_path / f"{split}.bin", n
             tokens.tofile(paths[split])
-        cache = TokenCache(paths, np.dtype(np.uint32), counts, docs, {})
+        cache = TokenCache.of_files(paths, np.dtype(np.uint32), counts, docs, {})
         return PreparedData(tokenizer, cache)
 
     return make

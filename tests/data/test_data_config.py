@@ -9,7 +9,13 @@ from arbor_titan.data.config import check_data_config
     [
         (
             {"source": "txt"},
-            "data.source must be one of 'stdlib', 'text', 'jsonl', 'parquet', 'hf_disk', got 'txt'",
+            "data.source must be one of 'stdlib', 'text', 'jsonl', 'parquet', 'hf_disk', 'chat', "
+            "got 'txt'",
+        ),
+        ({"source": "chat", "paths": ["a"]}, "needs data.document_mask = true"),
+        (
+            {"source": "chat", "paths": ["a"], "document_mask": True, "text_field": "body"},
+            "data.text_field does not apply to data.source = 'chat'",
         ),
         ({"source": "text"}, "data.paths must name files or globs when data.source = 'text'"),
         ({"paths": ["a.txt"]}, "data.paths must be empty when data.source = 'stdlib'"),

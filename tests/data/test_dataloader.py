@@ -268,10 +268,10 @@ def test_rank_outside_world_is_an_error(synthetic_data):
         build_dataloader(synthetic_data(800), "train", SEQ, BATCH, 2, 2, seed=0)
 
 
-def test_a_cache_whose_documents_disagree_with_its_sidecar_is_refused(synthetic_data):
+def test_a_cache_whose_documents_disagree_with_its_manifest_is_refused(synthetic_data):
     data = synthetic_data(800)
     cache = dataclasses.replace(data.cache, num_docs={**data.cache.num_docs, "train": 3})
-    with pytest.raises(RuntimeError, match=r"train.bin holds \d+ documents, its sidecar says 3"):
+    with pytest.raises(RuntimeError, match=r"holds \d+ train documents, its manifest says 3"):
         build_dataloader(PreparedData(data.tokenizer, cache), "train", SEQ, BATCH, 0, 1, seed=0)
 
 

@@ -4,6 +4,7 @@ BOS/EOS by name, packing, and the file travelling through HF export and import."
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tokenizers
 import torch
@@ -111,7 +112,7 @@ def test_prepare_packs_with_the_json_tokenizer(json_path, tmp_path, log):
         show_progress=False,
         log=log,
     )
-    tokens = data.cache.tokens("train")
+    tokens = np.asarray(data.cache.tokens("train"))
     tokenizer = data.tokenizer
     framed = ([tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id] for text in TEXTS[:4])
     assert tokens.tolist() == [token for document in framed for token in document] * 10

@@ -160,6 +160,9 @@ def test_mixture_config_names_bad_sources():
     bad = [SourceConfig(name="web", weight=1.0, source="parquet")]
     with pytest.raises(ValueError, match=r"data.sources\['web'\]: data.paths must name files"):
         check_data_config(DataConfig(sources=bad))
+    chat = [SourceConfig(name="chat", weight=1.0, source="chat", paths=["a.jsonl"])]
+    with pytest.raises(ValueError, match="source = 'chat' is not supported in a mixture"):
+        check_data_config(DataConfig(sources=chat))
 
 
 def test_prepare_and_load_a_mixture_of_real_files(tmp_path, stdlib_data, log):

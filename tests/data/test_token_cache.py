@@ -1,7 +1,10 @@
+import re
+
 import numpy as np
 import pytest
 
 from arbor_titan.data import Corpus, DataConfig, TokenizerConfig, build_dataloader, prepare_data
+from arbor_titan.data.progress import Progress
 from arbor_titan.data.token_cache import token_dtype
 
 DOCS = {
@@ -53,19 +56,20 @@ def test_streams_are_bos_doc_eos_in_order_per_split(text_cfgs, tmp_path, log):
 def test_cache_is_reused_and_leaves_no_temporary_files(text_cfgs, tmp_path, log):
     cache_dir = tmp_path / "cache"
     prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
-    files = {f: f.stat().st_mtime_ns for f in cache_dir.iterdir()}
-    assert not [f for f in files if f.name.startswith(".")]
+    files = {f: f.stat().st_mtime_ns for f in cache_dir.rglob("*")}
+    # One shard (the corpus is small) and the manifest; no temporary file is left behind.
+    assert sorted(f.name for f in files if f.is_file()) == ["manifest.json", "shard-00000.bin"]
     log.clear()
     prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
     assert any(line.startswith("reusing token cache") for line in log)
-    assert {f: f.stat().st_mtime_ns for f in cache_dir.iterdir()} == files
+    assert {f: f.stat().st_mtime_ns for f in cache_dir.rglob("*")} == files
 
 
-def test_token_files_without_sidecar_are_rebuilt(text_cfgs, tmp_path, log):
-    """A crash after the token files but before the sidecar must not look like a cache."""
+def test_token_files_without_manifest_are_rebuilt(text_cfgs, tmp_path, log):
+    """A crash after the token files but before the manifest must not look like a cache."""
     cache_dir = tmp_path / "cache"
     first = prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
-    next(cache_dir.glob("tokens-*.json")).unlink()
+    next(cache_dir.glob("tokens-*/manifest.json")).unlink()
     log.clear()
     again = prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
     assert any(line.startswith("tokenized") for line in log)
@@ -77,7 +81,7 @@ def test_corpus_change_makes_a_new_cache(text_cfgs, tmp_path, log):
     first = prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
     (tmp_path / "g.txt").write_text("a new document\n")
     second = prepare_data(*text_cfgs, cache_dir, show_progress=False, log=log)
-    assert second.cache.paths != first.cache.paths
+    assert second.cache.root != first.cache.root
     assert sum(second.cache.num_docs.values()) == sum(first.cache.num_docs.values()) + 1
 
 
@@ -85,7 +89,8 @@ def test_corpus_change_makes_a_new_cache(text_cfgs, tmp_path, log):
 def test_progress_bar_only_when_asked(text_cfgs, tmp_path, log, capsys, show_progress):
     prepare_data(*text_cfgs, tmp_path / "cache", show_progress=show_progress, log=log)
     err = capsys.readouterr().err
-    assert ("tokenizing: 4/4 documents" in err) == show_progress
+    line = r"tokenizing: 4/4 documents, 0\.0 MB at [\d.]+ MB/s, \d+ tokens, done in \d+s\n$"
+    assert bool(re.search(line, err)) == show_progress
     assert show_progress or err == ""
 
 
@@ -103,3 +108,19 @@ def test_no_validation_split_gives_an_empty_stream_and_a_clear_loader_error(
 def test_token_dtype_widens_past_16_bits():
     assert token_dtype(65535) == np.uint16
     assert token_dtype(65536) == np.uint32
+
+
+def test_progress_counts_resumed_work_in_totals_not_in_the_rate(capsys):
+    progress = Progress("tokenizing", total_docs=10, total_chars=1000, enabled=True, every_s=0)
+    progress.add_done(docs=5, chars=500, tokens=120)  # what an interrupted run did
+    progress.update(docs=1, chars=100, nbytes=2_000_000, tokens=30)
+    line = capsys.readouterr().err
+    # 400 characters are left and 100 took this run `elapsed`: 4 x elapsed to go.
+    assert re.fullmatch(
+        r"\rtokenizing: 6/10 documents, 2\.0 MB at [\d.]+ MB/s, 150 tokens, "
+        r"ETA \d+s",
+        line,
+    )
+    progress.update(docs=4, chars=400, nbytes=0, tokens=90)
+    progress.close()
+    assert re.search(r"10/10 documents, .* 240 tokens, done in \d+s\n$", capsys.readouterr().err)

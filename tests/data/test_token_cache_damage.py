@@ -1,4 +1,4 @@
-"""A damaged token cache is rebuilt, with a warning naming the file: it is only a cache."""
+"""A damaged token cache is rebuilt, with a warning naming it: it is only a cache."""
 
 import logging
 
@@ -19,24 +19,23 @@ def cfgs(tmp_path, stdlib_data) -> tuple[DataConfig, TokenizerConfig]:
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
-        (lambda sidecar, train: sidecar.write_text('{"dtype": "uint16", "tok'), "unreadable"),
-        (lambda sidecar, train: sidecar.write_bytes(b"\xff\xfe garbage"), "unreadable"),
-        (lambda sidecar, train: sidecar.write_text('{"dtype": "uint16"}'), "KeyError"),
-        (lambda sidecar, train: train.write_bytes(train.read_bytes()[:-2]), "the sidecar says"),
-        (lambda sidecar, train: train.unlink(), "is missing"),
+        (lambda manifest, shard: manifest.write_text('{"format": 3, "tok'), "unreadable"),
+        (lambda manifest, shard: manifest.write_bytes(b"\xff\xfe garbage"), "unreadable"),
+        (lambda manifest, shard: manifest.write_text('{"format": 3, "splits": {}}'), "KeyError"),
+        (lambda manifest, shard: shard.write_bytes(shard.read_bytes()[:-2]), "manifest.json says"),
+        (lambda manifest, shard: shard.unlink(), "is missing"),
     ],
     ids=["truncated-json", "not-utf8", "missing-keys", "short-token-file", "no-token-file"],
 )
 def test_damaged_cache_is_rebuilt_with_a_warning(cfgs, tmp_path, log, caplog, damage, reason):
     cache_dir = tmp_path / "cache"
     first = prepare_data(*cfgs, cache_dir, show_progress=False, log=log)
-    sidecar = next(cache_dir.glob("tokens-*.json"))
-    damage(sidecar, first.cache.paths["train"])
+    damage(first.cache.root / "manifest.json", first.cache.root / "shard-00000.bin")
     log.clear()
     with caplog.at_level(logging.WARNING, logger="arbor_titan"):
         again = prepare_data(*cfgs, cache_dir, show_progress=False, log=log)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert str(sidecar) in warning and "rebuilding it" in warning and reason in warning
+    assert str(first.cache.root) in warning and "rebuilding it" in warning and reason in warning
     assert any(line.startswith("tokenized") for line in log)
     assert again.cache == first.cache
     for split in ("train", "val"):

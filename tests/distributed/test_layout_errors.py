@@ -23,9 +23,12 @@ def test_shard_degree_fills_the_rest():
     assert (resolved.dp_shard, resolved.dp) == (2, 2)
 
 
-def test_tp_must_divide_kv_heads():
-    with pytest.raises(ValueError, match=r"tensor_parallel_degree=4 must divide .*n_kv_heads=2"):
-        dims(4, tensor_parallel_degree=4).validate_model(4, 4, 2, 1, False)
+def test_tp_must_divide_the_query_heads_not_the_kv_heads():
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_degree=4 must divide .*n_heads=6 .*degrees: 1, 2, 3, 6"
+    ):
+        dims(4, tensor_parallel_degree=4).validate_model(4, 6, 2, 1, False)
+    dims(4, tensor_parallel_degree=4).validate_model(4, 4, 2, 1, False)  # kv heads replicated
 
 
 def test_more_stages_than_layers():

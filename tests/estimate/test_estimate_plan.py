@@ -137,15 +137,6 @@ def test_a_plan_that_does_not_fit_exits_nonzero(tmp_path):
     assert "DOES NOT FIT: rank 0 needs" in result.stdout
 
 
-def test_tp_must_divide_kv_heads():
-    cfg = load_config(
-        REPO / "train_configs/arbor_200b.toml",
-        ["--parallelism.tensor_parallel_degree=8", "--parallelism.data_parallel_shard_degree=4"],
-    )
-    with pytest.raises(ValueError, match=r"tensor_parallel_degree=8 must divide .*n_kv_heads=12"):
-        plan(cfg, EstimateOptions())
-
-
 def test_more_stages_than_layers():
     cfg = load_config(
         None,

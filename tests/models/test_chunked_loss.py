@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from arbor_titan.models.arbor import FLAVORS, Transformer
-from arbor_titan.models.arbor.loss import ChunkedLoss, check_chunked_loss, cross_entropy_loss
+from arbor_titan.models.arbor.loss import (
+    IGNORE_INDEX,
+    ChunkedLoss,
+    check_chunked_loss,
+    cross_entropy_loss,
+)
 
 
 def loss_and_grads(model: Transformer, tokens, labels, chunked: bool):
@@ -17,20 +22,33 @@ def loss_and_grads(model: Transformer, tokens, labels, chunked: bool):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("tie_embeddings", "chunk_len"), [(False, 16), (True, 24)])
-def test_chunked_loss_equals_the_plain_loss(tie_embeddings, chunk_len):
+@pytest.mark.parametrize(
+    ("tie_embeddings", "chunk_len", "ignored"),
+    [(False, 16, False), (True, 24, False), (False, 16, True)],
+)
+def test_chunked_loss_equals_the_plain_loss(tie_embeddings, chunk_len, ignored):
     args = replace(FLAVORS["debug"], vocab_size=512, tie_embeddings=tie_embeddings)
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights(seed=0)
     tokens = torch.randint(0, args.vocab_size, (2, 64))
     labels = torch.randint(0, args.vocab_size, (2, 64))
+    if ignored:  # chat labels: prompt positions ignored, the first chunk entirely
+        labels[:, :16] = IGNORE_INDEX
+        labels[:, 20:40:3] = IGNORE_INDEX
     plain, plain_grads = loss_and_grads(model, tokens, labels, chunked=False)
     model.chunked_loss = ChunkedLoss(cross_entropy_loss, chunk_len)  # 64 = 16·4 or 24+24+16
     chunked, chunked_grads = loss_and_grads(model, tokens, labels, chunked=True)
     assert chunked.item() == pytest.approx(plain.item(), abs=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_loss_without_counted_labels_is_zero_with_zero_gradients():
+    logits = torch.randn(2, 8, 32, requires_grad=True)
+    loss = cross_entropy_loss(logits, torch.full((2, 8), IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and not logits.grad.any()
 
 
 def largest_saved_tensor(run) -> int:

@@ -15,17 +15,33 @@ from torch.utils.checkpoint import checkpoint
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+# A label that adds nothing to the loss (a prompt token of a chat conversation; PyTorch's default).
+IGNORE_INDEX = -100
+
+
+def counted_labels(labels_bs: torch.Tensor) -> torch.Tensor:
+    """How many labels count (are not IGNORE_INDEX)."""
+    return (labels_bs != IGNORE_INDEX).sum()
+
 
 def cross_entropy_loss(logits_bsv: torch.Tensor, labels_bs: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss, computed in float32 whatever the compute dtype."""
-    return F.cross_entropy(logits_bsv.flatten(0, 1).float(), labels_bs.flatten(0, 1))
+    """Mean next-token loss over the labels that count, in float32 whatever the compute dtype;
+    0 (with zero gradients, not NaN) when none does."""
+    total = F.cross_entropy(
+        logits_bsv.flatten(0, 1).float(),
+        labels_bs.flatten(0, 1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total / counted_labels(labels_bs).clamp(min=1)
 
 
 class ChunkedLoss:
-    """Mean of `loss_fn` over every token, computed `chunk_len` sequence positions at a time.
+    """Mean of `loss_fn` over the labels that count, computed `chunk_len` sequence positions at
+    a time.
 
     `loss_fn(logits_bsv, labels_bs)` is the plain mean loss (the trainer's, compiled or not);
-    each chunk's mean is weighted by its token count, so the result is the whole mean."""
+    each chunk's mean is weighted by its counted labels, so the result is the whole mean."""
 
     def __init__(self, loss_fn: LossFn, chunk_len: int):
         self.loss_fn, self.chunk_len = loss_fn, chunk_len
@@ -37,14 +53,14 @@ class ChunkedLoss:
         labels_bs: torch.Tensor,
     ) -> torch.Tensor:
         def chunk_loss_sum(h_chunk: torch.Tensor, labels_chunk: torch.Tensor) -> torch.Tensor:
-            return self.loss_fn(project(h_chunk), labels_chunk) * labels_chunk.numel()
+            return self.loss_fn(project(h_chunk), labels_chunk) * counted_labels(labels_chunk)
 
         total = torch.zeros((), device=h_bsd.device)
         for h_chunk, labels_chunk in zip(
             h_bsd.split(self.chunk_len, dim=1), labels_bs.split(self.chunk_len, dim=1)
         ):
             total = total + checkpoint(chunk_loss_sum, h_chunk, labels_chunk, use_reentrant=False)
-        return total / labels_bs.numel()
+        return total / counted_labels(labels_bs).clamp(min=1)
 
 
 def check_chunked_loss(

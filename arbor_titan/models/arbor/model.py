@@ -19,15 +19,19 @@ from arbor_titan.models.arbor.rope import apply_rope, rope_cos_sin_at, rope_freq
 if TYPE_CHECKING:
     from arbor_titan.distributed.context_parallel import ContextParallel
     from arbor_titan.models.arbor.loss import ChunkedLoss
+    from arbor_titan.models.arbor.parallelize import ReplicatedKV
 
 
 class Attention(nn.Module):
     """Grouped-query causal self-attention, optionally within documents (see masking.py).
 
     Under context parallelism (`context_parallel` set by parallelize) the local queries attend
-    over the keys and values of the whole sequence, gathered from the cp group."""
+    over the keys and values of the whole sequence, gathered from the cp group. When tensor
+    parallel ranks can't split the kv heads (`replicated_kv` set by parallelize), each rank
+    projects the kv heads its query heads read from replicated wk/wv (see parallelize.py)."""
 
     context_parallel: "ContextParallel | None" = None
+    replicated_kv: "ReplicatedKV | None" = None
 
     def __init__(self, args: ArborArgs):
         super().__init__()
@@ -43,8 +47,11 @@ class Attention(nn.Module):
         bsz, seq_len, _ = x_bsd.shape
         # -1 heads so a tensor-parallel shard (fewer local heads) needs no special case.
         q_bshd = self.wq(x_bsd).view(bsz, seq_len, -1, self.head_dim)
-        k_bshd = self.wk(x_bsd).view(bsz, seq_len, -1, self.head_dim)
-        v_bshd = self.wv(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+        if self.replicated_kv is None:
+            k_bshd = self.wk(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+            v_bshd = self.wv(x_bsd).view(bsz, seq_len, -1, self.head_dim)
+        else:
+            k_bshd, v_bshd = self.replicated_kv(x_bsd, self.wk.weight, self.wv.weight)
         q_bshd, k_bshd = apply_rope(q_bshd, cos_sin), apply_rope(k_bshd, cos_sin)
         attend = attention if self.context_parallel is None else self.context_parallel.attention
         out_bhsd = attend(

@@ -14,8 +14,8 @@ httpx = import_or_skip("httpx")
 import_or_skip("fastapi")
 import_or_skip("uvicorn")
 
+from arbor_titan.data.chat_template import TURN_STOP, Message, encode_prompt  # noqa: E402
 from plugins.inference.engine import Engine, create_engine  # noqa: E402
-from plugins.inference.openai_api import CHAT_STOP  # noqa: E402
 from plugins.inference.sampling import SamplingParams  # noqa: E402
 from plugins.inference.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
 from plugins.inference.service import EngineLoop  # noqa: E402
@@ -98,8 +98,8 @@ def test_streamed_usage_comes_last_when_asked(client):
 
 def test_chat_completions_use_the_template_streaming_and_not(client, loaded):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rendered = "System: Be brief.\n\nUser: Hi\n\nAssistant:"
-    expected = engine_text(loaded, rendered, 12, stop=(CHAT_STOP,)).text
+    rendered = encode_prompt([Message(**m) for m in messages], loaded.tokenizer)
+    expected = engine_text(loaded, rendered, 12, stop=(TURN_STOP,)).text
     body = {"model": "tiny", "messages": messages, "max_tokens": 12, "temperature": 0}
     response = client.post("/v1/chat/completions", json=body).json()
     assert response["object"] == "chat.completion"
