@@ -1,6 +1,6 @@
 """The growth benchmark: does growing a small model pay, against tuned, fully decayed baselines?
 
-    python scripts/bench_growth.py [--steps 160] [--lrs 5e-4 1e-3 2e-3] [--seeds 1 2 3]
+    python scripts/bench_growth.py [--steps 160] [--lrs 5e-4 1e-3 2e-3 4e-3] [--seeds 1 2 3]
         [--grow-at 0.33 0.15 0.5] [--arms ...] [--jobs 1] [--quick] [--no-train] [--reuse]
 
 Arms (train_configs/bench_growth_<config>.toml), all ending in the `growth_large` shape except
@@ -132,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="steps of every arm (default: the configs')")
     parser.add_argument("--val-freq", type=int, help="evaluate every this many steps")
     parser.add_argument(
-        "--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="peak lr grid"
+        "--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3], help="peak lr grid"
     )
     parser.add_argument("--tune-seed", type=int, default=0, help="seed of the lr-grid runs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="reported seeds")
