@@ -1,5 +1,6 @@
 """The decode step's matrix products: oneDNN for large matrices on CPU (fp32 as they are,
-bf16 packed into oneDNN's layout), the same values as `F.linear`, compiled or not."""
+bf16 packed into oneDNN's layout) except a compiled single row, the same values as `F.linear`,
+compiled or not."""
 
 import pytest
 import torch
@@ -57,9 +58,22 @@ def test_large_bf16_matrices_decode_from_a_packed_copy_unless_told_not_to():
     assert torch.equal(packed(x, decoding=False), F.linear(x, weight))
 
 
+def test_compiled_single_row_decode_is_a_fused_reduction_with_f_linear_values():
+    """Batch 1 compiled: inductor's own reduction, no library call (see matvec.py); bf16 here,
+    fp32 in test_engine's compiled-equals-eager test (one compile each: they cost seconds)."""
+    weight, x = torch.randn(512, 768).bfloat16(), torch.randn(1, 1, 768).bfloat16()
+    compiled = torch.compile(DecodeMatrix(weight), fullgraph=True)
+    with torch.no_grad():
+        out = compiled(x, True)
+        assert out.shape == (1, 1, 512) and out.dtype == torch.bfloat16
+        expected = F.linear(x.float(), weight.float())
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=0.3)
+        assert onednn_calls(lambda: compiled(x, True)) == 0
+
+
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_decode_still_calls_onednn(dtype):
+def test_compiled_decode_of_several_rows_still_calls_onednn(dtype):
     matrix, x = DecodeMatrix(torch.randn(512, 768, dtype=dtype)), torch.randn(2, 768, dtype=dtype)
     compiled = torch.compile(matrix, fullgraph=True)
     with torch.no_grad():
