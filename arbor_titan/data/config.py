@@ -134,6 +134,11 @@ def _check_chat(cfg: DataConfig) -> None:
             "data.text_field does not apply to data.source = 'chat' (a line holds 'messages', or "
             "'prompt' and 'response'): leave it unset"
         )
+    if cfg.prepare_workers:
+        raise ValueError(
+            "data.prepare_workers does not apply to data.source = 'chat' (conversations are "
+            "tokenized in the training process, a fine-tuning set is small): leave it at 0"
+        )
     if not cfg.document_mask:
         raise ValueError(
             "data.source = 'chat' packs conversations into shared windows and needs "

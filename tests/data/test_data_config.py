@@ -17,6 +17,10 @@ from arbor_titan.data.config import check_data_config
             {"source": "chat", "paths": ["a"], "document_mask": True, "text_field": "body"},
             "data.text_field does not apply to data.source = 'chat'",
         ),
+        (
+            {"source": "chat", "paths": ["a"], "document_mask": True, "prepare_workers": 2},
+            "data.prepare_workers does not apply to data.source = 'chat'",
+        ),
         ({"source": "text"}, "data.paths must name files or globs when data.source = 'text'"),
         ({"paths": ["a.txt"]}, "data.paths must be empty when data.source = 'stdlib'"),
         ({"source": "jsonl", "paths": ["a"], "text_field": ""}, "data.text_field must not be"),
