@@ -19,7 +19,10 @@ from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import to_toml
 from arbor_titan.data import build_dataloader, prepare_data
 from arbor_titan.distributed.build import build_model
-from arbor_titan.distributed.context_parallel import ContextParallel
+from arbor_titan.distributed.context_parallel import (
+    ContextParallel,
+    check_attention_runs_here,
+)
 from arbor_titan.distributed.device import apply_tf32, host_to_device
 from arbor_titan.distributed.init import ProcessInfo, barrier, init_distributed
 from arbor_titan.distributed.parallel_dims import ParallelDims
@@ -65,7 +68,10 @@ class Trainer:
         self.proc: ProcessInfo = init_distributed()
         logger.info("TF32: %s", apply_tf32(cfg.training.enable_tf32, self.proc.device))
         self.dims = ParallelDims.from_config(cfg.parallelism, self.proc.world_size)
-        self.context_parallel = ContextParallel.from_dims(self.dims)
+        self.context_parallel = ContextParallel.from_dims(self.dims)  # shards the batches
+        check_attention_runs_here(
+            cfg.parallelism.context_parallel_attention, self.proc.device, cfg.data.document_mask
+        )
         if self.context_parallel is not None:
             self.context_parallel.check_seq_len(cfg.training.seq_len)
             if cfg.validation.enable and cfg.validation.seq_len:

@@ -15,7 +15,9 @@ step (the planner puts it at ~97 of the H200's 141 GiB); float8 tensorwise and r
 runs against the compiled bf16 one; `decode`, scripts/generate.py --compile on the bf16 799m
 run's weights against the bandwidth roofline; `plan`, the planner's estimate of the 799m run
 against its measured peak memory; `bench_long_context`, one 64K-token sequence of `bench` (chunked
-loss, full activation checkpointing: one GPU has no context-parallel ranks) against `plan_long`.
+loss, full activation checkpointing) against `plan_long`. On a machine with 2 GPUs or more,
+the same sequence also trains over 2 context-parallel ranks with each cp attention
+(`bench_cp2_all_gather`, `bench_cp2_torch_ring`), whose losses must match the one-GPU run's.
 
 `--plumbing` runs the same steps on CPU at toy sizes without compiling, to test this script.
 
@@ -44,6 +46,8 @@ from typing import TextIO
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT8_LOSS_TOLERANCE = 0.02  # relative; float8's loss after the same steps as bf16's
+CP_LOSS_TOLERANCE = 0.01  # relative; a cp run's loss against one GPU's on the same batches
+CP_RUNS = ("bench_cp2_all_gather", "bench_cp2_torch_ring")
 KILL_GRACE_S = 15  # after a step's timeout, SIGKILL follows SIGTERM this much later
 MIN_STEP_S = 1  # a step with less of the budget left is skipped
 
@@ -157,9 +161,13 @@ class StepResult:
 
 # fmt: off
 def train_step(
-    name: str, config: str, group: Path, overrides: list[str], timeout_s: float, **kwargs
+    name: str, config: str, group: Path, overrides: list[str], timeout_s: float, nproc: int = 1,
+    **kwargs
 ) -> Step:
-    argv = [sys.executable, "-m", "arbor_titan.train", f"train_configs/{config}",
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    argv = [*launcher, "-m", "arbor_titan.train", f"train_configs/{config}",
             f"--job.dump_folder={group}", f"--job.name={name}", *COMMON, *overrides]
     return Step(name, argv, timeout_s, **kwargs)
 
@@ -171,8 +179,9 @@ def prepare_step(name: str, config: str, group: Path, overrides: list[str]) -> S
     return Step(name, argv, 300, background=True)
 
 
-def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
-    """Every step, most important first (a budget overrun skips the last)."""
+def plan_steps(sizes: Sizes, work: Path, site: Path, gpus: int = 1) -> list[Step]:
+    """Every step, most important first (a budget overrun skips the last); the context-parallel
+    runs only where there are 2 GPUs for their ranks."""
     small, large = work / "bench", work / "799m"
     compiled = [f"--compile.enable={str(sizes.compile).lower()}"]
     eager = ["--compile.enable=false"]
@@ -193,6 +202,10 @@ def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
               "bfloat16", "--device", sizes.device, "--prompt", "def fibonacci(n):",
               "--max-new-tokens", str(sizes.decode_tokens), "--temperature", "0",
               *(["--compile"] if sizes.compile else [])]
+    def cp_run(name: str) -> Step:
+        cp = ["--parallelism.context_parallel_degree=2",
+              f"--parallelism.context_parallel_attention={name.removeprefix('bench_cp2_')}"]
+        return train_step(name, "bench.toml", small, [*sizes.long, *eager, *cp], 120, nproc=2)
     return [
         Step("env", env, 120),
         prepare_step("prepare_bench", "bench.toml", small, sizes.small),
@@ -211,6 +224,7 @@ def plan_steps(sizes: Sizes, work: Path, site: Path) -> list[Step]:
         train_step("799m_float8_rowwise_compile", "arbor_799m.toml", large,
                    [*sizes.large, *compiled, *float8, "--float8.recipe_name=rowwise"], 240),
         train_step("bench_long_context", "bench.toml", small, [*sizes.long, *eager], 120),
+        *(cp_run(name) for name in CP_RUNS if gpus >= 2),
         train_step("799m_bf16_eager", "arbor_799m.toml", large, [*sizes.large, *eager], 180),
     ]
 # fmt: on
@@ -452,6 +466,18 @@ def decode_weight_bytes(checkpoint: Path, bytes_per_weight: int = 2) -> int:
     return read * bytes_per_weight
 
 
+def cp_comparison(runs: dict[str, dict]) -> list[dict]:
+    """Each context-parallel run's loss against the one-GPU run of the same sequences."""
+    one_gpu = runs.get("bench_long_context")
+    rows = []
+    for name in CP_RUNS:
+        if one_gpu is None or name not in runs:
+            continue
+        gap = runs[name]["loss"] / one_gpu["loss"] - 1
+        rows.append({"run": name, "loss_gap": gap, "ok": abs(gap) <= CP_LOSS_TOLERANCE})
+    return rows
+
+
 PLANNED_RUNS = {
     "plan": ("plan.json", ("799m_bf16_eager", "799m_bf16_compile")),
     "plan_long": ("plan_long.json", ("bench_long_context",)),
@@ -479,6 +505,7 @@ class Summary:
     steps: list[dict] = field(default_factory=list)
     runs: dict[str, dict] = field(default_factory=dict)
     float8: list[dict] = field(default_factory=list)
+    context_parallel: list[dict] = field(default_factory=list)
     decode: dict | None = None
     plans: dict[str, dict] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -496,6 +523,7 @@ def summarize(mode: str, seconds: float, work: Path, results: dict[str, StepResu
         if result.status == "ok" and record is not None:
             summary.runs[name] = record
     summary.float8 = float8_comparison(summary.runs)
+    summary.context_parallel = cp_comparison(summary.runs)
 
     def decode() -> dict | None:
         checkpoint = next((work / "799m" / "799m_bf16_compile" / "checkpoints").glob("step-*"))
@@ -522,7 +550,7 @@ def summarize(mode: str, seconds: float, work: Path, results: dict[str, StepResu
         carried_ok
         and not summary.errors
         and all(r.status == "ok" for r in results.values())
-        and all(row["ok"] for row in summary.float8)
+        and all(row["ok"] for row in [*summary.float8, *summary.context_parallel])
     )
     return summary
 
@@ -551,6 +579,11 @@ def format_summary(summary: Summary) -> Iterator[str]:
         yield (
             f"float8 {row['recipe']} vs bf16 (compiled 799m): {row['speedup']:.2f}x tokens/s, "
             f"loss {row['loss_gap']:+.2%} {'ok' if row['ok'] else 'FAIL'}"
+        )
+    for row in summary.context_parallel:
+        yield (
+            f"{row['run']} vs one GPU (64K tokens): loss {row['loss_gap']:+.2%} "
+            f"{'ok' if row['ok'] else 'FAIL'}"
         )
     if summary.decode:
         d = summary.decode
@@ -627,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
             runner = StepRunner(
                 console, work / "logs", step_env(site, work, args.plumbing), started + args.budget_s
             )
-            env_ok = run_steps(runner, select(plan_steps(sizes, work, site), args.only))
+            steps = plan_steps(sizes, work, site, 0 if args.plumbing else cuda_devices())
+            env_ok = run_steps(runner, select(steps, args.only))
             summary = summarize(
                 "plumbing" if args.plumbing else "gpu",
                 time.monotonic() - started,
@@ -641,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(site, ignore_errors=True)
     return 2 if not env_ok else 0 if summary.ok else 1
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def step_env(site: Path, work: Path, plumbing: bool) -> dict[str, str]:

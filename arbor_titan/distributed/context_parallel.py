@@ -5,17 +5,24 @@ chunks r and 2·cp-1-r (a head and a tail), so every rank has the same share of 
 attention's work. Tokens, labels, positions and document ids are split after the batch leaves
 the data loader (every cp rank reads the same batch); only attention needs the other ranks.
 
-Attention is the all-gather formulation Llama 3 used for long-context training: keys and values
-are all-gathered over the cp group (backward reduce-scatters their gradients) and each local
-query chunk attends to the global prefix it may see. It is exact, runs on every device and
-backend (gloo included), and composes with tensor parallel (it sees the local heads), pipeline
-stages (nothing but the hidden state travels) and document masking (document ids are gathered
-alongside).
+Two attentions (`parallelism.context_parallel_attention`):
+- `all_gather` (default): the formulation Llama 3 used for long-context training. Keys and
+  values are all-gathered over the cp group (backward reduce-scatters their gradients) and each
+  local query chunk attends to the global prefix it may see. It is exact, runs on every device
+  and backend (gloo included), and composes with tensor parallel (it sees the local heads),
+  pipeline stages (nothing but the hidden state travels) and document masking (document ids
+  are gathered alongside).
+- `torch_ring`: torch's experimental context-parallel SDPA, which runs the CUDA flash,
+  memory-efficient and cuDNN kernels shard by shard and merges them by log-sum-exp. It handles
+  only those CUDA kernels and plain causal attention, and its load-balanced layout is the head
+  and tail chunks above, so the two share every other piece.
 """
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.attention.bias import causal_lower_right
 
 from arbor_titan.distributed.parallel_dims import ParallelDims
@@ -53,19 +60,64 @@ class _GatherSequence(torch.autograd.Function):
         return grad_local, None
 
 
+def check_attention_runs_here(method: str, device: torch.device, document_mask: bool) -> None:
+    """Refuse a cp attention that can't run this job, before anything is built."""
+    if method != "torch_ring":
+        return
+    key = 'parallelism.context_parallel_attention = "torch_ring"'
+    if device.type != "cuda":
+        raise ValueError(
+            f"{key} needs CUDA: torch's ring attention dispatches only the CUDA SDPA kernels "
+            f'(flash, memory-efficient, cuDNN); on {device.type} use "all_gather" (exact on '
+            "every device)"
+        )
+    if document_mask:
+        raise ValueError(
+            f"{key} computes plain causal attention only; data.document_mask = true needs "
+            '"all_gather", which gathers the document ids with the keys and values'
+        )
+
+
+def enable_torch_ring_attention() -> None:
+    """Route SDPA on sequence-sharded DTensors to torch's ring attention, for this process.
+
+    torch keeps this switch in a private module (torch.distributed.tensor.experimental); its
+    causal load balancing must stay on: it is the head-and-tail layout this module shards by."""
+    try:
+        from torch.distributed.tensor.experimental._attention import (
+            _cp_options,
+            _enable_context_parallel_dispatcher,
+        )
+    except ImportError as err:
+        raise ValueError(
+            'parallelism.context_parallel_attention = "torch_ring" needs torch\'s context-'
+            f"parallel dispatcher, which torch {torch.__version__} lacks ({err}); use "
+            '"all_gather"'
+        ) from err
+    _cp_options.enable_load_balance = True
+    _enable_context_parallel_dispatcher()
+
+
 class ContextParallel:
     """One rank's view of its cp group: which tokens it holds and how it attends."""
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+    def __init__(
+        self, group: dist.ProcessGroup, method: str = "all_gather", mesh: DeviceMesh | None = None
+    ):
+        self.group, self.method, self.mesh = group, method, mesh
         self.degree = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         # Global chunk indices of the local head and tail chunk, out of 2·degree.
         self.chunks = (self.rank, 2 * self.degree - 1 - self.rank)
+        if method == "torch_ring":
+            enable_torch_ring_attention()
 
     @classmethod
-    def from_dims(cls, dims: ParallelDims) -> "ContextParallel | None":
-        return cls(dims.mesh["cp"].get_group()) if dims.cp > 1 else None
+    def from_dims(cls, dims: ParallelDims, method: str = "all_gather") -> "ContextParallel | None":
+        if dims.cp == 1:
+            return None
+        mesh = dims.mesh["cp"]
+        return cls(mesh.get_group(), method, mesh)
 
     def check_seq_len(self, seq_len: int, key: str = "training.seq_len") -> None:
         if seq_len % (2 * self.degree):
@@ -116,6 +168,8 @@ class ContextParallel:
         its fused kernels). Documents: a boolean (batch, 1, chunk, prefix) mask, same document
         and not later, from the document ids gathered over the group."""
         chunk_len = local_len // 2
+        if self.method == "torch_ring":  # plain causal only (check_attention_runs_here)
+            return ()
         if document_ids_bs is None:
             return tuple(
                 causal_lower_right(chunk_len, (chunk + 1) * chunk_len) for chunk in self.chunks
@@ -135,7 +189,9 @@ class ContextParallel:
     def attention(
         self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, masks: tuple
     ) -> torch.Tensor:
-        """Exact attention of the local queries over the whole (gathered) sequence."""
+        """Exact attention of the local queries over the whole sequence."""
+        if self.method == "torch_ring":
+            return self.ring_attention(q_bhsd, k_bhsd, v_bhsd)
         k_bhsd, v_bhsd = self.gather(k_bhsd, dim=2), self.gather(v_bhsd, dim=2)
         chunk_len = q_bhsd.shape[2] // 2
         gqa = q_bhsd.shape[1] != k_bhsd.shape[1]
@@ -149,3 +205,18 @@ class ContextParallel:
                 )
             )
         return torch.cat(outs, dim=2)
+
+    def ring_attention(
+        self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor
+    ) -> torch.Tensor:
+        """torch's ring attention over the cp mesh: the local chunks as sequence-sharded
+        DTensors, whose causal SDPA (forward and backward) torch computes across the ranks."""
+        repeat = q_bhsd.shape[1] // k_bhsd.shape[1]
+        if repeat > 1:  # its kernels take as many key/value heads as query heads
+            k_bhsd = k_bhsd.repeat_interleave(repeat, dim=1)
+            v_bhsd = v_bhsd.repeat_interleave(repeat, dim=1)
+        q, k, v = (
+            DTensor.from_local(t, self.mesh, [Shard(2)], run_check=False)
+            for t in (q_bhsd, k_bhsd, v_bhsd)
+        )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).to_local()

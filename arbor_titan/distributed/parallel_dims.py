@@ -30,6 +30,8 @@ GPUS_PER_NODE = 8
 # Mesh dimension order, outermost first: pipeline stages talk least, tensor parallel most;
 # context parallel (a K/V all-gather per layer) sits between data and tensor parallel.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# How cp ranks attend (distributed/context_parallel.py).
+CP_ATTENTIONS = ("all_gather", "torch_ring")
 
 
 @dataclass
@@ -45,6 +47,10 @@ class ParallelismConfig:
     tensor_parallel_degree: int = option(1, "Tensor + sequence parallel ranks per layer.", ge=1)
     context_parallel_degree: int = option(
         1, "Ranks that split each sequence (exact attention; they shard parameters too).", ge=1
+    )
+    context_parallel_attention: str = option(
+        "all_gather",
+        "all_gather (exact, every device) or torch_ring (torch's ring attention, CUDA only).",
     )
     pipeline_parallel_degree: int = option(1, "Pipeline ranks.", ge=1)
     pipeline_parallel_schedule: str = option("1F1B", f"One of {', '.join(SCHEDULES)}.")
@@ -67,6 +73,16 @@ class ParallelismConfig:
             raise ValueError(
                 f"parallelism.pipeline_parallel_schedule must be one of {', '.join(SCHEDULES)}, "
                 f"got {self.pipeline_parallel_schedule!r}"
+            )
+        if self.context_parallel_attention not in CP_ATTENTIONS:
+            raise ValueError(
+                "parallelism.context_parallel_attention must be one of "
+                f"{', '.join(CP_ATTENTIONS)}, got {self.context_parallel_attention!r}"
+            )
+        if self.context_parallel_attention != "all_gather" and self.context_parallel_degree == 1:
+            raise ValueError(
+                f"parallelism.context_parallel_attention = {self.context_parallel_attention!r} "
+                "needs parallelism.context_parallel_degree > 1 (no cp ranks to attend across)"
             )
         if self.fsdp_reshard_after_forward not in ("default", "always", "never"):
             raise ValueError(

@@ -52,7 +52,8 @@ def parallelize(
     """Parallelize one model part (the whole model, or one pipeline stage) in place."""
     if dims.tp > 1:
         apply_tensor_parallel(part, dims.mesh["tp"], parallelism.enable_loss_parallel)
-    apply_context_parallel(part, ContextParallel.from_dims(dims))
+    cp = ContextParallel.from_dims(dims, parallelism.context_parallel_attention)
+    apply_context_parallel(part, cp)
     apply_activation_checkpointing(part.layers, ac)
     if compile_cfg.compiles("model"):
         compile_blocks(part.layers)

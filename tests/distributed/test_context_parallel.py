@@ -9,13 +9,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import ConfigError
 from arbor_titan.context.build import build_context_schedule
 from arbor_titan.context.callback import check_layout
 from arbor_titan.context.config import ContextConfig
-from arbor_titan.distributed.context_parallel import ContextParallel, chunk_positions
+from arbor_titan.distributed.context_parallel import (
+    ContextParallel,
+    check_attention_runs_here,
+    chunk_positions,
+)
 from arbor_titan.distributed.parallel_dims import ParallelDims, ParallelismConfig
 from arbor_titan.models.arbor.masking import document_sdpa_mask
 from tests.conftest import losses, run_training
@@ -53,22 +58,38 @@ def test_context_schedule_lengths_must_split_into_cp_chunks():
         check_layout(schedule.shapes(), trainer)
 
 
-def _attention_worker(rank: int, world_size: int, init_file: str) -> None:
+# Each attention against full SDPA: (process group backend, documents too, atol, rtol).
+ATTENTION_CHECKS = {
+    "all_gather": ("gloo", True, 1e-6, 1e-5),
+    "torch_ring": ("nccl", False, 1e-4, 1e-4),
+}
+
+
+def _attention_worker(rank: int, world_size: int, init_file: str, method: str) -> None:
     """Each rank attends its chunks with ContextParallel.attention; outputs and the gradients of
     its queries, keys and values must equal those of full attention at its positions."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    backend, with_documents, atol, rtol = ATTENTION_CHECKS[method]
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        cp = ContextParallel(dist.group.WORLD)
+        mesh = init_device_mesh(device.type, (2,), mesh_dim_names=("cp",))
+        cp = ContextParallel(mesh.get_group(), method, mesh)
         with pytest.raises(ValueError, match=r"training.seq_len=66 must be divisible by 2 × "):
             cp.check_seq_len(66)
         generator = torch.Generator().manual_seed(0)
         bsz, seq_len, head_dim = 2, 16, 8
-        q = torch.randn(bsz, 4, seq_len, head_dim, generator=generator, requires_grad=True)
-        k = torch.randn(bsz, 2, seq_len, head_dim, generator=generator, requires_grad=True)
-        v = torch.randn(bsz, 2, seq_len, head_dim, generator=generator, requires_grad=True)
-        weight = torch.randn(bsz, 4, seq_len, head_dim, generator=generator)
-        starts = torch.rand(bsz, seq_len, generator=generator) < 0.25
-        for document_ids in (None, torch.cumsum(starts, dim=1)):
+
+        def randn(*shape: int, grad: bool = True) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator).to(device).requires_grad_(grad)
+
+        q = randn(bsz, 4, seq_len, head_dim)
+        k, v = randn(bsz, 2, seq_len, head_dim), randn(bsz, 2, seq_len, head_dim)
+        weight = randn(bsz, 4, seq_len, head_dim, grad=False)
+        starts = torch.rand(bsz, seq_len, generator=generator).to(device) < 0.25
+        documents = (None, torch.cumsum(starts, dim=1)) if with_documents else (None,)
+        for document_ids in documents:
             full_mask = None if document_ids is None else document_sdpa_mask(document_ids)
             full = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=full_mask, is_causal=full_mask is None, enable_gqa=True
@@ -78,18 +99,43 @@ def _attention_worker(rank: int, world_size: int, init_file: str) -> None:
             local_ids = None if document_ids is None else cp.shard(document_ids)
             out = cp.attention(*local, cp.masks(seq_len // 2, local_ids, q.device))
             local_grads = torch.autograd.grad((out * cp.shard(weight, dim=2)).sum(), local)
-            torch.testing.assert_close(out, cp.shard(full, dim=2), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(out, cp.shard(full, dim=2), atol=atol, rtol=rtol)
             for got, want in zip(local_grads, grads):
-                torch.testing.assert_close(got, cp.shard(want, dim=2), atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(got, cp.shard(want, dim=2), atol=atol, rtol=rtol)
     finally:
         dist.destroy_process_group()
 
 
-def test_cp_attention_equals_full_attention_with_and_without_documents(tmp_path):
-    # fork: the workers start in a second instead of re-importing torch.
+def spawn_attention_check(tmp_path, method: str) -> None:
+    # fork: the workers start in a second instead of re-importing torch (CUDA is first touched
+    # in the workers).
     mp.start_processes(
-        _attention_worker, args=(2, str(tmp_path / "init")), nprocs=2, start_method="fork"
+        _attention_worker, args=(2, str(tmp_path / "init"), method), nprocs=2, start_method="fork"
     )
+
+
+def test_cp_attention_equals_full_attention_with_and_without_documents(tmp_path):
+    spawn_attention_check(tmp_path, "all_gather")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_torch_ring_attention_equals_full_attention_on_two_gpus(tmp_path):
+    spawn_attention_check(tmp_path, "torch_ring")
+
+
+def test_torch_ring_attention_is_refused_where_it_cannot_run():
+    key = r'parallelism.context_parallel_attention = "torch_ring"'
+    with pytest.raises(ValueError, match=key + r' needs CUDA: .* on cpu use "all_gather"'):
+        check_attention_runs_here("torch_ring", torch.device("cpu"), document_mask=False)
+    with pytest.raises(ValueError, match=key + r" computes plain causal .* data.document_mask"):
+        check_attention_runs_here("torch_ring", torch.device("cuda"), document_mask=True)
+    check_attention_runs_here("torch_ring", torch.device("cuda"), document_mask=False)
+    check_attention_runs_here("all_gather", torch.device("cpu"), document_mask=True)
+    with pytest.raises(ValueError, match=r"context_parallel_attention must be one of all_gather, "):
+        ParallelismConfig(context_parallel_degree=2, context_parallel_attention="ring")
+    with pytest.raises(ValueError, match=r"needs parallelism.context_parallel_degree > 1"):
+        ParallelismConfig(context_parallel_attention="torch_ring")
 
 
 STEPS = ["--training.steps=4", "--checkpoint.interval=1000"]

@@ -166,6 +166,34 @@ def test_the_decode_step_reads_the_last_checkpoint_of_the_bf16_run(tmp_path):
         assert f"--compile.enable={str(name.endswith('compile')).lower()}" in argv
 
 
+def test_two_gpus_add_a_context_parallel_run_of_each_attention(tmp_path):
+    one_gpu = [s.name for s in gpu_check.plan_steps(gpu_check.GPU_SIZES, tmp_path, tmp_path)]
+    steps = gpu_check.plan_steps(gpu_check.GPU_SIZES, tmp_path, tmp_path, gpus=2)
+    assert [s.name for s in steps if s.name not in one_gpu] == list(gpu_check.CP_RUNS)
+    long_argv = next(s.argv for s in steps if s.name == "bench_long_context")
+    for step in steps[-3:-1]:
+        attention = step.name.removeprefix("bench_cp2_")
+        assert step.argv[1:5] == [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+        ]
+        # The one-GPU run's sequences and settings, split over 2 cp ranks.
+        assert set(long_argv[3:]) - {"--job.name=bench_long_context"} < set(step.argv)
+        assert f"--parallelism.context_parallel_attention={attention}" in step.argv
+    runs = {
+        "bench_long_context": {"loss": 7.0},
+        "bench_cp2_all_gather": {"loss": 7.01},
+        "bench_cp2_torch_ring": {"loss": 7.2},
+    }
+    rows = gpu_check.cp_comparison(runs)
+    assert [(r["run"], r["ok"]) for r in rows] == [
+        ("bench_cp2_all_gather", True),
+        ("bench_cp2_torch_ring", False),  # 2.9% off the one-GPU loss
+    ]
+
+
 def test_comparisons(tmp_path):
     runs = {
         "799m_bf16_compile": {"tokens_per_second": 100.0, "loss": 8.0, "memory_gib": 60.0},
