@@ -183,13 +183,14 @@ def test_restart_positions_needs_document_mask():
 
 @pytest.fixture(scope="module")
 def short_corpus(tmp_path_factory) -> list[str]:
-    """A JSONL corpus of short documents (stdlib paragraphs), so every training window packs
-    several of them (whole stdlib files are longer than a window)."""
+    """A JSONL corpus of short documents (stdlib source lines), so every training window packs
+    several of them whatever the window's offset (a paragraph can outlast a 64-token window,
+    and then the document mask changes nothing)."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     text = "".join((lib / name).read_text() for name in ("textwrap.py", "shlex.py", "argparse.py"))
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    lines = [line for line in text.splitlines() if line.strip()]
     path = tmp_path_factory.mktemp("short_documents") / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    path.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
     return ["--data.source=jsonl", f"--data.paths=['{path}']", "--data.val_fraction=0.1"]
 
 
