@@ -18,6 +18,8 @@ Two attentions (`parallelism.context_parallel_attention`):
   and tail chunks above, so the two share every other piece.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -98,6 +100,29 @@ def enable_torch_ring_attention() -> None:
     _enable_context_parallel_dispatcher()
 
 
+@dataclass(frozen=True)
+class ReversedPrefixCausal:
+    """A query chunk's lower-right causal mask over the longer prefix it may see, for SDPA off
+    CUDA: it has no kernel for that alignment and would materialize chunk × prefix elements,
+    quadratic in length, and keep them for backward. With the chunk's queries reversed, whether
+    query i may see key j depends on i + j alone, so the additive mask is a (chunk, prefix) view
+    with strides (1, 1) of one vector of chunk + prefix - 1 elements: exact, and linear."""
+
+    chunk_len: int
+    prefix_len: int
+
+    def attend(
+        self, q_bhsd: torch.Tensor, k_bhsd: torch.Tensor, v_bhsd: torch.Tensor, gqa: bool
+    ) -> torch.Tensor:
+        bias = q_bhsd.new_full((self.chunk_len + self.prefix_len - 1,), float("-inf"))
+        bias[: self.prefix_len] = 0.0  # reversed query i sees key j while i + j < prefix
+        mask = bias.as_strided((self.chunk_len, self.prefix_len), (1, 1))
+        out = F.scaled_dot_product_attention(
+            q_bhsd.flip(2), k_bhsd, v_bhsd, attn_mask=mask, enable_gqa=gqa
+        )
+        return out.flip(2)
+
+
 class ContextParallel:
     """One rank's view of its cp group: which tokens it holds and how it attends."""
 
@@ -164,15 +189,19 @@ class ContextParallel:
     ) -> tuple:
         """The attention mask of each local chunk over the global prefix it may see.
 
-        Plain causal: a lower-right-aligned causal bias (no mask is materialized, so SDPA keeps
-        its fused kernels). Documents: a boolean (batch, 1, chunk, prefix) mask, same document
-        and not later, from the document ids gathered over the group."""
+        Plain causal: on CUDA a lower-right-aligned causal bias (SDPA keeps its fused kernels);
+        elsewhere SDPA's own causal case for a square prefix (chunk 0), else a
+        `ReversedPrefixCausal`. Documents: a boolean (batch, 1, chunk, prefix) mask, same
+        document and not later, from the document ids gathered over the group."""
         chunk_len = local_len // 2
         if self.method == "torch_ring":  # plain causal only (check_attention_runs_here)
             return ()
         if document_ids_bs is None:
             return tuple(
-                causal_lower_right(chunk_len, (chunk + 1) * chunk_len) for chunk in self.chunks
+                causal_lower_right(chunk_len, (chunk + 1) * chunk_len)
+                if device.type == "cuda" or chunk == 0
+                else ReversedPrefixCausal(chunk_len, (chunk + 1) * chunk_len)
+                for chunk in self.chunks
             )
         with torch.no_grad():
             global_ids_bs = self.gather(document_ids_bs, dim=1)
@@ -199,11 +228,14 @@ class ContextParallel:
         for half, (chunk, mask) in enumerate(zip(self.chunks, masks)):
             end = (chunk + 1) * chunk_len
             q_chunk = q_bhsd[:, :, half * chunk_len : (half + 1) * chunk_len]
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q_chunk, k_bhsd[:, :, :end], v_bhsd[:, :, :end], attn_mask=mask, enable_gqa=gqa
+            k_prefix, v_prefix = k_bhsd[:, :, :end], v_bhsd[:, :, :end]
+            if isinstance(mask, ReversedPrefixCausal):
+                out = mask.attend(q_chunk, k_prefix, v_prefix, gqa)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q_chunk, k_prefix, v_prefix, attn_mask=mask, enable_gqa=gqa
                 )
-            )
+            outs.append(out)
         return torch.cat(outs, dim=2)
 
     def ring_attention(

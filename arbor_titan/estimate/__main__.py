@@ -1,5 +1,7 @@
 """`python -m arbor_titan.estimate CONFIG.toml [--section.key=value ...] [planner options]`.
 
+Plans the length of `--seq-len`, else of the `[context]` schedule's longest stage, and, when the
+config's context parallel degree is above 1 or the plan does not fit, the smallest degree that fits.
 Exits 0 when every simulated rank fits, 1 when one does not, 2 on a config or layout error.
 """
 
@@ -22,8 +24,10 @@ from arbor_titan.estimate import (  # noqa: E402
     plan_json,
 )
 from arbor_titan.estimate.auto_ac import choose_activation_checkpoint  # noqa: E402
-from arbor_titan.estimate.plan import planned_world_size  # noqa: E402
+from arbor_titan.estimate.context_fit import check_cp_splits, smallest_fitting_cp  # noqa: E402
+from arbor_titan.estimate.plan import planned_length, planned_world_size  # noqa: E402
 from arbor_titan.estimate.throughput import DEFAULT_GPU  # noqa: E402
+from arbor_titan.registry import PluginError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", default="sample", help="sample, all, or e.g. 0,7,511")
     parser.add_argument("--vocab-size", type=int, help="instead of the tokenizer file or flavor")
     parser.add_argument(
-        "--seq-len", type=int, help="plan at this sequence length (training.seq_len)"
+        "--seq-len",
+        type=int,
+        help="plan at this sequence length (training.seq_len); default: the [context] "
+        "schedule's longest",
     )
     return parser
 
@@ -89,13 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=args.vocab_size,
     )
     try:
-        cfg = load_config(args.config, overrides)
+        length = planned_length(load_config(args.config, overrides), args.seq_len)
+        cfg = length.config
+        check_cp_splits(cfg.parallelism.context_parallel_degree, length.lengths)
         if cfg.activation_checkpoint.mode == "auto":
             world_size = planned_world_size(cfg.parallelism, options.world_size)[0]
             cfg, reason = choose_activation_checkpoint(cfg, world_size, options.memory)
             print(reason)
         result = plan(cfg, options)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        result.length_source = length.source
+        result.cp_fit = smallest_fitting_cp(cfg, options, result, length.lengths)
+    except (ConfigError, PluginError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_plan(result, args.config))

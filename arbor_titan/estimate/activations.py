@@ -3,7 +3,8 @@
 schedule keeps alive at once.
 
 Every term below names the tensors it counts. They were read off the saved-tensor hooks of the
-real block (tests/estimate/test_memory_accuracy.py checks the totals against a measurement):
+real block (tests/estimate/test_estimate_memory.py checks the totals against a measurement,
+tests/scripts/test_bench_long_context.py under context parallelism and the chunked loss):
 
 - RMSNorm: CUDA has a fused kernel that saves its input and the fp32 1/rms per token; elsewhere
   the composite saves an fp32 copy of the input, the fp32 normalized value and 1/rms.
@@ -12,12 +13,17 @@ real block (tests/estimate/test_memory_accuracy.py checks the totals against a m
 - Attention (flash/efficient SDPA) saves q, k, v, its output and an fp32 log-sum-exp per head.
   When tp does not divide the kv heads, k and v hold a copy per local query head and the wk/wv
   outputs are the kv heads those read (models/arbor/parallelize.py `ReplicatedKV`).
+- RoPE: the fp32 cos and sin of the held positions, computed once per forward for all blocks.
 - SwiGLU saves w1's and w3's outputs, silu(w1 x) and their product (w2's input).
 - Loss: log_softmax keeps fp32 log-probabilities (vocab-sharded under loss parallel); the
   chunked loss (`training.loss_chunk_len`) keeps none: each chunk's logits are recomputed in
   backward, where one chunk's fp32 logits, log-probabilities and their gradient coexist.
 - Context parallel: attention keeps the K/V all-gathered from the cp group (the whole
   sequence's, local heads) instead of the local ones; backward holds their full-length gradient.
+  Each of a rank's two query chunks is its own SDPA call, which keeps that chunk's output, so
+  wo's input (their concatenation) is a second copy of the attention output. Off CUDA the tail
+  chunk's causal mask is a strided view of one short vector (distributed/context_parallel.py
+  `ReversedPrefixCausal`), not counted: no chunk × prefix tensor exists.
 
 torch.compile only removes saved tensors (its partitioner recomputes cheap pointwise ops), so
 for compiled blocks these eager figures are an upper bound.
@@ -53,6 +59,7 @@ class ActivationModel:
     vocab_shards: int  # tp under loss parallel, else 1
     cp: int = 1
     loss_chunk_tokens: int = 0  # tokens scored at once by the chunked loss; 0: unchunked
+    micro_batch: int = 1  # sequences in `tokens`
 
     def norm(self, tokens: int) -> int:
         dim = self.args.dim
@@ -79,14 +86,23 @@ class ActivationModel:
             # partial sums before the TP reduce-scatter) and attention's outputs.
             qkv_matmuls = t * (q_dim // self.tp + 2 * projected_kv * a.head_dim) * e
             matmuls = qkv_matmuls + 2 * t * a.dim * e + 2 * ffn_hidden
-            # The gathered K/V are no matmul outputs: recomputed (the gather re-run).
+            # The gathered K/V and the chunks' concatenation are no matmul or attention
+            # outputs: recomputed (the gather re-run).
             return block_input + matmuls + attention_out + log_sum_exp
         # Gathered over the sequence: every token. autocast casts per consumer (wq, wk, wv, w1,
         # w3); FSDP mixed precision computes in bf16 already, so wq/wk/wv share one input.
         linear_inputs = (5 if self.autocast else 2) * t * a.dim * e
         norms = 2 * self.norm(self.seq_tokens)
+        # Under cp wo's input is a concatenation of the chunks' outputs, which SDPA keeps too.
+        attention_outs = (2 if self.cp > 1 else 1) * attention_out
         return (
-            norms + linear_inputs + qkv + gathered_kv + attention_out + log_sum_exp + 4 * ffn_hidden
+            norms
+            + linear_inputs
+            + qkv
+            + gathered_kv
+            + attention_outs
+            + log_sum_exp
+            + 4 * ffn_hidden
         )
 
     def gathered_kv(self) -> int:
@@ -107,6 +123,11 @@ class ActivationModel:
 
     def embedding(self) -> int:
         return self.tokens * INDEX_BYTES
+
+    def rope(self) -> int:
+        """RoPE's fp32 cos and sin for the positions of a sequence this rank holds: computed once
+        per forward by every stage, kept by its blocks, shared by the micro-batch's sequences."""
+        return 2 * (self.tokens // self.micro_batch) * self.args.head_dim * FP32
 
     def head(self) -> int:
         """Final norm, the output projection's input, fp32 log-probabilities and the targets."""

@@ -104,6 +104,7 @@ def activation_model(
         vocab_shards=dims.tp if loss_parallel else 1,
         cp=dims.cp,
         loss_chunk_tokens=batch * training.loss_chunk_len,
+        micro_batch=batch,
     )
 
 
@@ -116,7 +117,7 @@ def estimate_memory(
     acts = activation_model(build, cfg, dims, options.device)
     stage_bytes = {}
     for stage in build.stages:
-        held = sum(acts.block(mode) for mode in stage.block_ac)
+        held = acts.rope() + sum(acts.block(mode) for mode in stage.block_ac)
         held += acts.embedding() if stage.has_embedding else 0
         held += acts.head() if stage.has_head else acts.stage_output()
         stage_bytes[stage.stage_id] = held

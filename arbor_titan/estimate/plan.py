@@ -4,15 +4,21 @@ and the step's cost, and check that the shards add up to the whole model."""
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from arbor_titan.config.job import JobConfig
+from arbor_titan.context import build_context_schedule
 from arbor_titan.distributed.parallel_dims import GPUS_PER_NODE, ParallelDims, ParallelismConfig
 from arbor_titan.estimate.memory import MemoryEstimate, MemoryOptions, estimate_memory
 from arbor_titan.estimate.ranks import RankBuild, sample_ranks, simulate_rank
 from arbor_titan.estimate.throughput import DEFAULT_GPU, StepCost, gpu_peak, step_cost
 from arbor_titan.models.arbor import FLAVORS, resolve_args
+from arbor_titan.registry import load_plugins
+
+if TYPE_CHECKING:
+    from arbor_titan.estimate.context_fit import CpFit
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,42 @@ class EstimateOptions:
     assumed_mfu: float = 0.4
     ranks: str = "sample"  # sample, all, or comma-separated rank numbers
     vocab_size: int | None = None  # overrides the tokenizer file / flavor
+
+
+@dataclass(frozen=True)
+class PlannedLength:
+    """The shape a plan is made at: `config` carries it as `training.seq_len` and
+    `training.local_batch_size`; `lengths` are every sequence length a run of the config trains
+    or validates at (context parallelism must split each into 2·cp chunks)."""
+
+    config: JobConfig
+    source: str  # where the length came from, for the report
+    lengths: tuple[int, ...]
+
+
+def planned_length(cfg: JobConfig, seq_len: int | None = None) -> PlannedLength:
+    """`cfg` at `--seq-len` when given (the [training] micro-batch), else at its `[context]`
+    schedule's longest stage, the run's longest sequences (ties: the largest micro-batch)."""
+    validation = (cfg.validation.seq_len,) if cfg.validation.seq_len else ()
+    training = cfg.training
+    if seq_len is not None:
+        config = replace(cfg, training=replace(training, seq_len=seq_len))
+        return PlannedLength(config, "--seq-len", (seq_len, *validation))
+    load_plugins(cfg.plugins.modules)  # a schedule may come from a plugin module
+    shapes = build_context_schedule(cfg.context, training.seq_len, training.local_batch_size)
+    shapes = shapes.shapes()
+    longest = max(shapes, key=lambda shape: (shape.seq_len, shape.local_batch_size))
+    lengths = (*sorted({shape.seq_len for shape in shapes}), *validation)
+    if (longest.seq_len, longest.local_batch_size) == (training.seq_len, training.local_batch_size):
+        return PlannedLength(cfg, "training.seq_len", lengths)
+    at_longest = replace(
+        training, seq_len=longest.seq_len, local_batch_size=longest.local_batch_size
+    )
+    source = (
+        f"the longest stage of context.schedule {cfg.context.schedule!r} (training.seq_len "
+        f"{training.seq_len:,} × local_batch_size {training.local_batch_size})"
+    )
+    return PlannedLength(replace(cfg, training=at_longest), source, lengths)
 
 
 @dataclass
@@ -45,6 +87,8 @@ class Plan:
     step: StepCost
     seconds_per_rank: float
     peak_rss_mib: float
+    length_source: str = "training.seq_len"  # PlannedLength.source
+    cp_fit: "CpFit | None" = None  # the smallest cp that fits, when searched
 
     @property
     def num_params(self) -> int:
@@ -78,7 +122,8 @@ def planned_world_size(cfg: ParallelismConfig, world_size: int | None) -> tuple[
 def layout_text(dims: ParallelDims) -> str:
     """`pp 16 × dp_replicate 1 × dp_shard 4 × cp 1 × tp 8 = 512 ranks (64 nodes × 8 GPUs)`."""
     nodes, rest = divmod(dims.world_size, GPUS_PER_NODE)
-    where = f"{nodes} nodes × {GPUS_PER_NODE} GPUs" if nodes and not rest else "one node"
+    where = f"{nodes} node{'s' if nodes > 1 else ''} × {GPUS_PER_NODE} GPUs"
+    where = where if nodes and not rest else "one node"
     return (
         f"pp {dims.pp} × dp_replicate {dims.dp_replicate} × dp_shard {dims.dp_shard} × "
         f"cp {dims.cp} × tp {dims.tp} = {dims.world_size} "

@@ -1,6 +1,7 @@
 """A plan as a readable report and as JSON (the same numbers, in bytes and FLOPs)."""
 
 from arbor_titan.distributed.pipeline import stages_per_rank
+from arbor_titan.estimate.context_fit import CpFit, CpTrial
 from arbor_titan.estimate.memory import GIB, MemoryEstimate
 from arbor_titan.estimate.plan import Plan, layout_text
 from arbor_titan.estimate.ranks import RankBuild
@@ -67,6 +68,11 @@ def format_plan(plan: Plan, config_path: str) -> str:
             f"pipeline   {par.pipeline_parallel_schedule}, {per_rank} stage(s) per rank, "
             f"{dims.pp * per_rank} stages, {first.microbatches} micro-batches of "
             f"{batch} × {train.seq_len} tokens"
+        )
+    if plan.length_source != "training.seq_len":
+        lines.append(
+            f"length     {train.seq_len:,} tokens × local_batch_size {train.local_batch_size}, "
+            f"from {plan.length_source}"
         )
     if dims.cp > 1:
         lines.append(
@@ -166,7 +172,37 @@ def _step_lines(plan: Plan) -> list[str]:
         f"{step.tokens_per_second:,.0f} tokens/s, "
         f"{step.tokens_per_second * 86400 / 1e9:.3g} B tokens/day",
         f"verdict    {verdict}",
+        *([f"cp needed  {_cp_fit_text(plan.cp_fit)}"] if plan.cp_fit else []),
     ]
+
+
+def _needs(trial: CpTrial) -> str:
+    return f"cp {trial.cp} needs {_gib(trial.peak)} GiB"
+
+
+def _cp_fit_text(fit: CpFit) -> str:
+    """`cp 16 fits (pp 1 × ... = 128 ranks (16 nodes × 8 GPUs), 71.30 GiB); cp 8 needs ...`."""
+    configured, capacity = fit.configured, _gib(fit.capacity)
+    kept = (
+        f"the world of {configured.dims.world_size} ranks kept: cp takes ranks from dp_shard"
+        if fit.keeps_world
+        else "the other degrees kept: the world follows cp"
+    )
+    if fit.smallest is None:
+        if fit.largest is None:
+            return f"no cp above {configured.cp} to try (candidates: {fit.limit})"
+        return (
+            f"no cp fits {capacity} GiB: {_needs(fit.largest)}, the largest candidate "
+            f"({fit.limit}); {kept}"
+        )
+    below = f"; {_needs(fit.below)} > {capacity} GiB" if fit.below else ""
+    if fit.smallest.cp == configured.cp:
+        return f"cp {configured.cp} is the smallest that fits{below}"
+    verb = "is the smallest that fits" if fit.smallest.cp < configured.cp else "fits"
+    return (
+        f"cp {fit.smallest.cp} {verb} ({layout_text(fit.smallest.dims)}, "
+        f"{_gib(fit.smallest.peak)} GiB){below}; {kept}"
+    )
 
 
 def plan_json(plan: Plan, config_path: str) -> dict:
@@ -192,6 +228,8 @@ def plan_json(plan: Plan, config_path: str) -> dict:
             "world_source": plan.world_source,
         },
         "fits": plan.fits,
+        "length_source": plan.length_source,
+        "cp_fit": plan.cp_fit.as_dict() if plan.cp_fit else None,
         "step": plan.step.as_dict(),
         "seconds_per_rank": plan.seconds_per_rank,
         "peak_rss_mib": plan.peak_rss_mib,

@@ -1,5 +1,5 @@
-"""Context parallelism: the load-balanced layout, the exact all-gather attention, and training
-losses equal to one process's under cp × FSDP2, and after a resume under cp × TP."""
+"""Context parallelism: the load-balanced layout, the exact attentions, and training losses equal
+to one process's under cp 4, cp × FSDP2, cp × PP, and after a resume under cp × TP."""
 
 import shutil
 from types import SimpleNamespace
@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.nn.attention.bias import causal_lower_right
 
 from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import ConfigError
@@ -18,6 +19,7 @@ from arbor_titan.context.callback import check_layout
 from arbor_titan.context.config import ContextConfig
 from arbor_titan.distributed.context_parallel import (
     ContextParallel,
+    ReversedPrefixCausal,
     check_attention_runs_here,
     chunk_positions,
 )
@@ -37,6 +39,33 @@ def test_ranks_hold_a_head_and_a_tail_chunk_that_tile_the_sequence():
     # Causal attention work (keys each query may see) is the same on every rank.
     work = {int((positions + 1).sum()) for positions in held}
     assert len(work) == 1
+
+
+def test_reversed_prefix_mask_is_exact_and_keeps_no_quadratic_tensor():
+    chunk, prefix = 32, 128  # the tail chunk 3 of a sequence cut into 4 chunks of 32
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, chunk, 16, requires_grad=True)
+    k, v = (torch.randn(2, 2, prefix, 16, requires_grad=True) for _ in range(2))
+    expected = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=causal_lower_right(chunk, prefix), enable_gqa=True
+    )
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    saved_elements = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved_elements.append(t.untyped_storage().nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = ReversedPrefixCausal(chunk, prefix).attend(q, k, v, gqa=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    for grad, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected_grads):
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-6)
+    # Backward keeps q, k, v, the output, the log-sum-exp and the mask's vector: no
+    # chunk × prefix tensor (the materialized lower-right mask would be 4,096 elements).
+    assert max(saved_elements) == 2 * 2 * prefix * 16
+    assert chunk + prefix - 1 in saved_elements
 
 
 def test_cp_ranks_join_the_fsdp_shards_and_the_world_size():
@@ -171,6 +200,19 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> 
 @pytest.mark.slow
 def test_cp_with_fsdp_matches_one_process(reference, cp_fsdp_saved):
     assert_same_losses(cp_fsdp_saved, reference, range(1, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [[f"{CP}=4"], [f"{CP}=2", "--parallelism.pipeline_parallel_degree=2"]],
+    ids=["cp4", "cp2_pp2"],
+)
+def test_cp_alone_and_with_pipeline_matches_one_process(dump_folder, reference, layout):
+    """4 ranks: cp 4 (FSDP2 shards over the cp ranks), and cp 2 × 2 pipeline stages."""
+    job = "cp_" + "_".join(o.rsplit("=", 1)[1] for o in layout)
+    run_training(dump_folder, job, *STEPS, *layout, nproc=4)
+    assert_same_losses(losses(dump_folder, job), reference, range(1, 5))
 
 
 @pytest.mark.slow
