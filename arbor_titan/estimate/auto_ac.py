@@ -2,7 +2,8 @@
 
 Recomputation costs time (full recomputes every block's forward, about a third more FLOPs), so
 the modes are tried from cheapest to most frugal: none, selective, full. Each is planned with
-the dry run's memory model for this world.
+the dry run's memory model for this world, at the run's longest sequences: a `[context]`
+schedule's longest stage, which the mode chosen at the start must also fit.
 """
 
 import json
@@ -17,7 +18,8 @@ from arbor_titan.config.cli import load_config
 from arbor_titan.config.job import JobConfig
 from arbor_titan.config.loader import ConfigError, to_toml
 from arbor_titan.estimate.memory import MemoryOptions
-from arbor_titan.estimate.plan import EstimateOptions, plan
+from arbor_titan.estimate.plan import EstimateOptions, plan, planned_length
+from arbor_titan.registry import PluginError
 
 GIB = 2**30
 # From the least recomputation to the least memory.
@@ -56,10 +58,11 @@ def choose_activation_checkpoint(
 def choose_for_training(
     cfg: JobConfig, world_size: int, capacity_gib: float, device: str
 ) -> tuple[JobConfig, str]:
-    """`choose_activation_checkpoint` from inside a training process, in a child process.
+    """`choose_activation_checkpoint` from inside a training process, in a child process, at
+    the schedule's longest stage (the mode then applies to `cfg` as it stands).
 
-    The planner must not touch the GPUs (its fake process group would build a CUDA device mesh
-    in the training process), so it runs where they are hidden, like `DRY_RUN=1`.
+        The planner must not touch the GPUs (its fake process group would build a CUDA device mesh
+        in the training process), so it runs where they are hidden, like `DRY_RUN=1`.
     """
     with tempfile.TemporaryDirectory(prefix="arbor_auto_ac_") as folder:
         config = Path(folder) / "config.toml"
@@ -82,10 +85,16 @@ def main(argv: list[str]) -> int:
     choice as one JSON line, or `error: ...` and status 2."""
     config, world_size, capacity_gib, device = argv
     try:
-        cfg = load_config(config, [])
+        length = planned_length(load_config(config, []))
         memory = MemoryOptions(capacity_gib=float(capacity_gib), device=device)
-        chosen, reason = choose_activation_checkpoint(cfg, int(world_size), memory)
-    except (ConfigError, ValueError) as err:
+        chosen, reason = choose_activation_checkpoint(length.config, int(world_size), memory)
+        if length.source != "training.seq_len":
+            training = length.config.training
+            reason += (
+                f", planned at {training.seq_len:,} tokens × local_batch_size "
+                f"{training.local_batch_size}, {length.source}"
+            )
+    except (ConfigError, PluginError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({"mode": chosen.activation_checkpoint.mode, "reason": reason}))

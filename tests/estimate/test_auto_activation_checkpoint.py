@@ -12,6 +12,7 @@ from arbor_titan.estimate.auto_ac import (
     choose_for_training,
     with_mode,
 )
+from arbor_titan.estimate.plan import planned_length
 from tests.conftest import REPO
 
 WORLD = 2
@@ -57,6 +58,27 @@ def test_training_plans_in_a_child_process(config, peaks):
     cfg, reason = choose_for_training(config, WORLD, budget, "cuda")
     assert cfg.activation_checkpoint.mode == "selective"
     assert "chose 'selective'" in reason
+
+
+def test_training_chooses_for_the_context_schedules_longest_stage():
+    """The schedule ends at 1,024 × 12 tokens a micro-batch (no keep_tokens_per_step), 4× its
+    start: a budget that fits the start without checkpointing must not leave the last stage
+    without it."""
+    path = REPO / "train_configs" / "debug_context.toml"
+    cfg = load_config(
+        str(path), ["--activation_checkpoint.mode=auto", "--context.keep_tokens_per_step=false"]
+    )
+    longest = planned_length(cfg).config
+    assert longest.training.seq_len == 1024 and longest.training.local_batch_size == 12
+    result = plan(with_mode(longest, "selective"), EstimateOptions(world_size=WORLD))
+    budget = max(r.memory.total for r in result.ranks) / GIB + 1e-4
+    # Planned at its start alone, the config would run without checkpointing.
+    assert choose_activation_checkpoint(cfg, WORLD, MemoryOptions(capacity_gib=budget))[0] == (
+        with_mode(cfg, "none")
+    )
+    chosen, reason = choose_for_training(cfg, WORLD, budget, "cuda")
+    assert chosen == with_mode(cfg, "selective")  # the config keeps its own seq_len and batch
+    assert "planned at 1,024 tokens × local_batch_size 12, the longest stage of" in reason
 
 
 def test_an_unresolved_auto_never_reaches_the_model(config):
