@@ -24,6 +24,10 @@ tests/scripts/test_bench_long_context.py under context parallelism and the chunk
   wo's input (their concatenation) is a second copy of the attention output. Off CUDA the tail
   chunk's causal mask is a strided view of one short vector (distributed/context_parallel.py
   `ReversedPrefixCausal`), not counted: no chunk × prefix tensor exists.
+- torch's ring attention (`context_parallel_attention = "torch_ring"`; read off torch's
+  code, not measured: it needs 2 GPUs) takes K/V repeated to the query heads; its one SDPA call
+  keeps the local q, repeated k and v, output and log-sum-exp, and backward gathers the whole
+  sequence's repeated K/V again beside their gradient.
 
 torch.compile only removes saved tensors (its partitioner recomputes cheap pointwise ops), so
 for compiled blocks these eager figures are an upper bound.
@@ -60,6 +64,7 @@ class ActivationModel:
     cp: int = 1
     loss_chunk_tokens: int = 0  # tokens scored at once by the chunked loss; 0: unchunked
     micro_batch: int = 1  # sequences in `tokens`
+    ring_attention: bool = False  # cp through torch's ring attention, not the K/V all-gather
 
     def norm(self, tokens: int) -> int:
         dim = self.args.dim
@@ -71,10 +76,10 @@ class ActivationModel:
         """One transformer block; mode is its checkpointing: none, full or op (selective)."""
         a, t, e = self.args, self.tokens, self.compute_bytes
         q_dim = a.n_heads * a.head_dim
-        projected_kv, attended_kv = local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)
+        projected_kv = local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)[0]
         block_input = self.seq_tokens * a.dim * self.residual_bytes
         # Attention's q, k and v; under kv replication k and v hold a copy per query head.
-        qkv = t * (q_dim // self.tp + 2 * attended_kv * a.head_dim) * e
+        qkv = t * (q_dim // self.tp + 2 * self.attended_kv_heads() * a.head_dim) * e
         attention_out = t * q_dim * e // self.tp
         log_sum_exp = t * a.n_heads * FP32 // self.tp
         gathered_kv = self.gathered_kv()
@@ -93,8 +98,9 @@ class ActivationModel:
         # w3); FSDP mixed precision computes in bf16 already, so wq/wk/wv share one input.
         linear_inputs = (5 if self.autocast else 2) * t * a.dim * e
         norms = 2 * self.norm(self.seq_tokens)
-        # Under cp wo's input is a concatenation of the chunks' outputs, which SDPA keeps too.
-        attention_outs = (2 if self.cp > 1 else 1) * attention_out
+        # Under the all-gather cp wo's input is a concatenation of the chunks' outputs, which
+        # SDPA keeps too.
+        attention_outs = (2 if self.cp > 1 and not self.ring_attention else 1) * attention_out
         return (
             norms
             + linear_inputs
@@ -105,11 +111,27 @@ class ActivationModel:
             + 4 * ffn_hidden
         )
 
-    def gathered_kv(self) -> int:
-        """Keys and values of the other cp ranks' tokens, gathered for attention."""
+    def attended_kv_heads(self) -> int:
+        """Key/value heads this rank's attention reads: torch's ring attention repeats them to
+        the query heads."""
         a = self.args
-        _, attended_kv = local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)
-        return (self.cp - 1) * self.tokens * 2 * attended_kv * a.head_dim * self.compute_bytes
+        if self.ring_attention:
+            return a.n_heads // self.tp
+        return local_kv_heads(a.n_heads, a.n_kv_heads, self.tp)[1]
+
+    def sequence_kv(self) -> int:
+        """Keys and values of the whole sequences (every cp rank's tokens), as attention reads
+        them."""
+        a = self.args
+        kv_dim = 2 * self.attended_kv_heads() * a.head_dim
+        return self.cp * self.tokens * kv_dim * self.compute_bytes
+
+    def gathered_kv(self) -> int:
+        """Keys and values of the other cp ranks' tokens, kept by the all-gather's attention
+        (the ring's keeps only its own)."""
+        if self.cp == 1 or self.ring_attention:
+            return 0
+        return self.sequence_kv() * (self.cp - 1) // self.cp
 
     def recompute(self, mode: str) -> int:
         """What backward re-creates for one checkpointed block, on top of what it kept."""
@@ -118,8 +140,9 @@ class ActivationModel:
     def block_backward_working(self, mode: str) -> int:
         """Recomputed activations plus the SwiGLU's two hidden-width input gradients."""
         gate_grads = 2 * self.tokens * self.args.ffn_dim * self.compute_bytes // self.tp
-        gathered_kv_grads = self.gathered_kv() * self.cp // (self.cp - 1) if self.cp > 1 else 0
-        return self.recompute(mode) + gate_grads + gathered_kv_grads
+        # The whole sequence's K/V gradient; the ring gathers the K/V themselves again too.
+        sequence_kv = 0 if self.cp == 1 else self.sequence_kv() * (2 if self.ring_attention else 1)
+        return self.recompute(mode) + gate_grads + sequence_kv
 
     def embedding(self) -> int:
         return self.tokens * INDEX_BYTES

@@ -79,6 +79,31 @@ def test_cp_keeps_the_gathered_keys_and_values():
     assert cp4.block_backward_working("full") > plain.block_backward_working("full") + 4 * kv_bytes
 
 
+def test_torch_ring_keeps_its_own_kv_repeated_to_the_query_heads():
+    args = FLAVORS["debug"]  # 4 query heads, 2 kv heads
+    head_kv = 1024 * 2 * args.head_dim * 2  # one head's K and V for this rank's tokens, bf16
+    attention_out = 1024 * args.n_heads * args.head_dim * 2
+    gather, ring = activation_model(cp=4), activation_model(cp=4, ring_attention=True)
+    # The all-gather keeps its kv heads for the whole sequence and the attention output twice;
+    # the ring keeps its own tokens' K/V, repeated to the query heads, and the output once.
+    assert gather.block("none") - ring.block("none") == (
+        4 * args.n_kv_heads * head_kv - args.n_heads * head_kv + attention_out
+    )
+    # Backward: the ring gathers the whole sequence's repeated K/V again beside their gradient.
+    extra_backward = 2 * 4 * args.n_heads * head_kv - 4 * args.n_kv_heads * head_kv
+    assert ring.block_backward_working("full") - gather.block_backward_working("full") == (
+        ring.recompute("full") - gather.recompute("full") + extra_backward
+    )
+    cfg = with_cp(load_config(REPO / "train_configs/debug_model.toml", DEBUG_16K), 4)
+    ring_cfg = replace(
+        cfg, parallelism=replace(cfg.parallelism, context_parallel_attention="torch_ring")
+    )
+    options = EstimateOptions(vocab_size=512)
+    ring_memory, gather_memory = (plan(c, options).ranks[0].memory for c in (ring_cfg, cfg))
+    assert ring_memory.activations < gather_memory.activations  # the planner plans the ring
+    assert ring_memory.backward_working > gather_memory.backward_working
+
+
 def test_chunked_loss_keeps_no_log_probabilities():
     plain, chunked = activation_model(), activation_model(loss_chunk_tokens=128)
     log_probs = 1024 * FLAVORS["debug"].vocab_size * 4
