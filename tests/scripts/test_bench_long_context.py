@@ -5,6 +5,8 @@ and on two context-parallel ranks."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -21,8 +23,12 @@ ACTIVATION_TOLERANCE = 0.15  # issue 15's bound
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> list[dict]:
+    """The script in its own interpreter, as a user runs it: its ranks are forked and read
+    resident memory, and a fork of this test process would inherit a heap whose free space,
+    already resident, absorbs small allocations unseen (held read 17% low at 512 tokens)."""
     out = tmp_path_factory.mktemp("bench_long_context")
-    assert script.main(["--quick", "--out", str(out)]) == 0
+    command = [sys.executable, str(REPO / "scripts/bench_long_context.py"), "--quick"]
+    subprocess.run([*command, "--out", str(out)], check=True, cwd=REPO, timeout=300)
     return json.loads((out / "bench_long_context.json").read_text())["points"]
 
 
