@@ -21,9 +21,10 @@ tests/scripts/test_bench_long_context.py under context parallelism and the chunk
 - Context parallel: attention keeps the K/V all-gathered from the cp group (the whole
   sequence's, local heads) instead of the local ones; backward holds their full-length gradient.
   Each of a rank's two query chunks is its own SDPA call, which keeps that chunk's output, so
-  wo's input (their concatenation) is a second copy of the attention output. Off CUDA the tail
-  chunk's causal mask is a strided view of one short vector (distributed/context_parallel.py
-  `ReversedPrefixCausal`), not counted: no chunk × prefix tensor exists.
+  wo's input (their concatenation) is a second copy of the attention output. Off CUDA a chunk's
+  causal mask over a longer prefix is a strided view of one short vector
+  (distributed/context_parallel.py `ReversedPrefixCausal`), not counted: no chunk × prefix
+  tensor exists.
 - torch's ring attention (`context_parallel_attention = "torch_ring"`; read off torch's
   code, not measured: it needs 2 GPUs) takes K/V repeated to the query heads; its one SDPA call
   keeps the local q, repeated k and v, output and log-sum-exp, and backward gathers the whole

@@ -61,8 +61,8 @@ def choose_for_training(
     """`choose_activation_checkpoint` from inside a training process, in a child process, at
     the schedule's longest stage (the mode then applies to `cfg` as it stands).
 
-        The planner must not touch the GPUs (its fake process group would build a CUDA device mesh
-        in the training process), so it runs where they are hidden, like `DRY_RUN=1`.
+    The planner must not touch the GPUs (its fake process group would build a CUDA device mesh
+    in the training process), so it runs where they are hidden, like `DRY_RUN=1`.
     """
     with tempfile.TemporaryDirectory(prefix="arbor_auto_ac_") as folder:
         config = Path(folder) / "config.toml"

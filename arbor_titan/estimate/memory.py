@@ -105,7 +105,7 @@ def activation_model(
         cp=dims.cp,
         loss_chunk_tokens=batch * training.loss_chunk_len,
         micro_batch=batch,
-        ring_attention=dims.cp > 1 and cfg.parallelism.context_parallel_attention == "torch_ring",
+        ring_attention=cfg.parallelism.context_parallel_attention == "torch_ring",  # cp > 1
     )
 
 

@@ -54,8 +54,8 @@ def planned_length(cfg: JobConfig, seq_len: int | None = None) -> PlannedLength:
         config = replace(cfg, training=replace(training, seq_len=seq_len))
         return PlannedLength(config, "--seq-len", (seq_len, *validation))
     load_plugins(cfg.plugins.modules)  # a schedule may come from a plugin module
-    shapes = build_context_schedule(cfg.context, training.seq_len, training.local_batch_size)
-    shapes = shapes.shapes()
+    schedule = build_context_schedule(cfg.context, training.seq_len, training.local_batch_size)
+    shapes = schedule.shapes()
     longest = max(shapes, key=lambda shape: (shape.seq_len, shape.local_batch_size))
     lengths = (*sorted({shape.seq_len for shape in shapes}), *validation)
     if (longest.seq_len, longest.local_batch_size) == (training.seq_len, training.local_batch_size):
